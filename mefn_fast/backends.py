@@ -1,0 +1,141 @@
+"""Backend registry: what each backend supports, and readable reasons when it cannot run.
+
+Modelled on xformers' dispatch: every backend declares the devices and dtypes it takes and
+returns a list of reasons for inputs it cannot serve. ``"auto"`` picks the first backend in
+preference order with no reasons; an explicit choice that cannot run raises a ``ValueError``
+listing them. ``python -m mefn_fast.info`` prints the same information.
+
+A backend's implementation is loaded lazily (nothing imports Triton, touches ``torch.cuda`` or
+loads the C++ extension until a backend is first asked for), and a backend that fails to load
+reports why instead of breaking ``import mefn_fast``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .options import XAttnOptions
+
+log = logging.getLogger("mefn_fast")
+
+# An implementation: fn(regions, region_lengths, words, word_lengths, opts) -> scores.
+Impl = Callable[..., torch.Tensor]
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend's loader with the reason it cannot be used on this machine."""
+
+
+@dataclass
+class Backend:
+    name: str
+    description: str
+    module: str  # module (relative to mefn_fast) whose ``load()`` returns the implementation
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    issue: Optional[str] = None  # set while the backend is not implemented yet
+    _impl: Optional[Impl] = field(default=None, repr=False)
+    _reason: Optional[str] = field(default=None, repr=False)
+    _loaded: bool = field(default=False, repr=False)
+
+    def load(self) -> Optional[Impl]:
+        """The implementation, or None (then :meth:`unavailable_reason` says why)."""
+        if not self._loaded:
+            self._loaded = True
+            if self.issue is not None:
+                self._reason = f"not implemented yet ({self.issue})"
+            else:
+                try:
+                    self._impl = importlib.import_module(f"mefn_fast.{self.module}").load()
+                except BackendUnavailable as e:
+                    self._reason = str(e)
+                except Exception as e:  # a broken build must not break the package
+                    self._reason = f"failed to load: {type(e).__name__}: {e}"
+        return self._impl
+
+    def unavailable_reason(self) -> Optional[str]:
+        self.load()
+        return self._reason
+
+    def reasons(self, regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> list[str]:
+        """Why this backend cannot take these inputs (empty list: it can)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        out = []
+        if regions.device.type not in self.devices:
+            out.append(f"device {regions.device.type} not supported (takes {', '.join(self.devices)})")
+        if regions.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"dtype {str(regions.dtype).replace('torch.', '')} not supported (takes {names})")
+        limits = getattr(importlib.import_module(f"mefn_fast.{self.module}"), "input_limits", None)
+        if limits is not None and not out:
+            out.extend(limits(regions, words, opts))
+        return out
+
+
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Preference order for "auto": fastest first. The reference is always last and always available.
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cuda", "C++/CUDA extension op (tensor-core tiles, shared per-pair header)", "cuda_backend",
+                ("cuda",), (torch.float16, torch.bfloat16, torch.float32), issue="issue #5"),
+        Backend("triton", "Triton kernels (fused tile, entropy and aggregation)", "triton_backend",
+                ("cuda",), (torch.float16, torch.bfloat16, torch.float32), issue="issue #4"),
+        Backend("cpu", "C++ CPU extension op (blocked GEMM tiles, fused per-pair epilogue)", "cpu_backend",
+                ("cpu",), (torch.float32, torch.float64), issue="issue #3"),
+        Backend("reference", "plain PyTorch, materialising, chunked over captions", "reference_backend",
+                ("cpu", "cuda", "mps", "xpu"), _ALL_FLOATS),
+    )
+}
+
+
+def get_backend(name: str) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string; got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
+    return BACKENDS[name]
+
+
+def backend_status() -> dict[str, Optional[str]]:
+    """Every backend with None if it is available on this machine, else the reason it is not."""
+    return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends available on this machine, in ``"auto"`` preference order.
+
+    The reasons for the others: :func:`backend_status` or ``python -m mefn_fast.info``.
+    """
+    return [name for name, reason in backend_status().items() if reason is None]
+
+
+_announced: set = set()
+
+
+def select_backend(name: str, regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> tuple[str, Impl]:
+    """Resolve ``name`` ("auto" or a backend) for these inputs; returns (chosen name, implementation)."""
+    if name == "auto":
+        tried = {}
+        for b in BACKENDS.values():
+            reasons = b.reasons(regions, words, opts)
+            if not reasons:
+                key = (b.name, regions.device.type, regions.dtype)
+                if key not in _announced:
+                    _announced.add(key)
+                    log.info("mefn_fast: backend='auto' chose %r for %s %s inputs", b.name, regions.device.type, regions.dtype)
+                return b.name, b.load()
+            tried[b.name] = reasons
+        raise ValueError("no backend can take these inputs: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in tried.items()))
+    b = get_backend(name)
+    reasons = b.reasons(regions, words, opts)
+    if reasons:
+        raise ValueError(f"backend={name!r} cannot take these inputs: " + "; ".join(reasons))
+    return b.name, b.load()

@@ -1,0 +1,125 @@
+"""Build and install mefn_fast.
+
+    pip install --no-build-isolation -e .          # torch must already be installed
+
+The C++ extension (``mefn_fast._C``: CPU ops, and CUDA ops when a CUDA toolkit and a CUDA build of
+torch are present) is built from ``csrc/``. When it cannot be built the package still installs and
+imports, and ``python -m mefn_fast.info`` says why the compiled backends are missing.
+
+Environment switches (flash-attention style):
+    MEFN_SKIP_EXT=1       build no extension at all (the reference and Triton backends still work)
+    MEFN_FORCE_CUDA=1     build the CUDA sources even if no toolkit/GPU is detected (fail loudly)
+    MEFN_SKIP_CUDA=1      build the CPU ops only
+    MEFN_CUDA_ARCHS       semicolon list of compute capabilities, default "8.0;9.0"
+    MAX_JOBS              parallel compile jobs (ninja)
+    DEBUG=1               -O0 -g
+"""
+import glob
+import json
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(ROOT, "mefn_fast", "_build_info.json")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _write_build_info(**info) -> None:
+    with open(BUILD_INFO, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def extension_setup() -> dict:
+    """ext_modules and cmdclass for the C++/CUDA extension, or {} when there is nothing to build.
+
+    A failed build is reported (in ``mefn_fast/_build_info.json``, read by ``mefn_fast.info``)
+    instead of failing the install, unless MEFN_FORCE_CUDA=1 asked for it explicitly.
+    """
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if _flag("MEFN_SKIP_EXT"):
+        _write_build_info(built=False, cuda=False, reason="skipped: MEFN_SKIP_EXT=1 at install time")
+        return {}
+    if not cpp_sources:
+        _write_build_info(built=False, cuda=False, reason="no C++ sources in csrc/")
+        return {}
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # torch would guess /usr/local from a wrapper nvcc
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        _write_build_info(built=False, cuda=False, reason=f"torch not importable at build time: {e}")
+        return {}
+
+    force_cuda, skip_cuda = _flag("MEFN_FORCE_CUDA"), _flag("MEFN_SKIP_CUDA")
+    cuda_ok = bool(cu_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    build_cuda = force_cuda or (cuda_ok and not skip_cuda)
+    debug = _flag("DEBUG")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-std=c++17", "-fopenmp"] if sys.platform != "win32" else []
+    define_macros = []
+    kwargs = dict(extra_link_args=["-fopenmp"] if sys.platform != "win32" else [])
+    sources = list(cpp_sources)
+    if build_cuda:
+        archs = os.environ.get("MEFN_CUDA_ARCHS", "8.0;9.0")
+        nvcc_flags = ["-O0", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]
+        nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr"]
+        for arch in archs.replace(",", ";").split(";"):
+            cc = arch.strip().replace(".", "")
+            if cc:
+                nvcc_flags += [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+        sources += cu_sources
+        define_macros.append(("MEFN_WITH_CUDA", None))
+        ext = cpp_extension.CUDAExtension(
+            "mefn_fast._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension(
+            "mefn_fast._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags}, **kwargs)
+    why_no_cuda = (
+        "MEFN_SKIP_CUDA=1" if skip_cuda else
+        "no CUDA sources" if not cu_sources else
+        "torch is a CPU-only build" if torch.version.cuda is None else
+        "no CUDA toolkit found (set CUDA_HOME)" if cpp_extension.CUDA_HOME is None else None)
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as e:  # keep the package installable; info says why
+                if force_cuda:
+                    raise
+                print(f"WARNING: building {extension.name} failed; compiled backends disabled: {e}", file=sys.stderr)
+                _write_build_info(built=False, cuda=False, reason=f"extension build failed: {e}")
+                return
+            _write_build_info(built=True, cuda=build_cuda, torch=torch.__version__,
+                              reason=None if build_cuda else f"CUDA ops not built: {why_no_cuda}")
+
+    return dict(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt.with_options(use_ninja=True)})
+
+
+setup(
+    name="mefn_fast",
+    version="0.1.0",
+    description="Fused CPU/Triton/CUDA kernels for MEFN's entropy-aware cross-attention image-text similarity",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mefn_fast", "mefn_fast.*"]),
+    package_data={"mefn_fast": ["_build_info.json"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "train": ["transformers>=4.40", "timm>=0.9", "tqdm"],
+        "dev": ["pytest", "pytest-benchmark", "ninja"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["mefn-fast=mefn_fast.cli:main"]},
+    **extension_setup(),
+)
