@@ -19,7 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.mefn-setup-stamp"
-want="$TORCH_REQ $TORCHVISION_REQ $(cat setup.py csrc/*.h csrc/*.cpp csrc/cuda/*.cu 2>/dev/null | sha1sum | cut -c1-16)"
+# Rebuild when torch, setup.py or any C++/CUDA source changes.
+sources_hash=$( { echo setup.py; find csrc -type f 2>/dev/null | sort; } | xargs cat | sha1sum | cut -c1-16)
+want="$TORCH_REQ $TORCHVISION_REQ $sources_hash"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import mefn_fast" 2>/dev/null; then
   echo "[setup] environment up to date ($VENV)"
   exit 0
