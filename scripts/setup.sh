@@ -20,7 +20,7 @@ fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.mefn-setup-stamp"
 # Rebuild when torch, setup.py or any C++/CUDA source changes.
-sources_hash=$( { echo setup.py; find csrc -type f 2>/dev/null | sort; } | xargs cat | sha1sum | cut -c1-16)
+sources_hash=$( { echo setup.py; find csrc -type f 2>/dev/null | sort || true; } | xargs cat | sha1sum | cut -c1-16)
 want="$TORCH_REQ $TORCHVISION_REQ $sources_hash"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import mefn_fast" 2>/dev/null; then
   echo "[setup] environment up to date ($VENV)"
