@@ -40,6 +40,7 @@ def good():
     (lambda r, rl, w, wl: (r, rl, w, torch.tensor([True, True, True])), TypeError, "word_lengths"),
     (lambda r, rl, w, wl: (r, "4,4", w, wl), TypeError, "region_lengths"),
     (lambda r, rl, w, wl: (r, rl, w.to("meta"), wl), ValueError, "device"),
+    (lambda r, rl, w, wl: (r, rl.to("meta"), w, wl), ValueError, "device"),
 ])
 def test_bad_tensors(backend, good, mutate, exc, name):
     with pytest.raises(exc, match=name):
