@@ -301,14 +301,22 @@ def write_outputs(rows: list, env: dict, out_dir: str, stem: str) -> list:
     return paths
 
 
-def plot_rows(rows: list, path: str) -> Optional[str]:
-    """Bar chart: each backend's time as a multiple of the floor, per workload (log scale)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without the "plot" extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_rows(rows: list, path: str) -> Optional[str]:
+    """Bar chart: each backend's time as a multiple of the floor, per workload (log scale)."""
+    plt = _pyplot()
+    if plt is None:
         return None
     groups = sorted({(r["workload"], r["dtype"]) for r in rows}, key=lambda g: [r["workload"] for r in rows].index(g[0]))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
@@ -357,12 +365,8 @@ def run_scaling(device: str, dtype_name: str, backends: list, repeats: int, quic
 
 
 def plot_scaling(rows: list, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     axes = list(dict.fromkeys(r["axis"] for r in rows))
     fig, grid = plt.subplots(2, len(axes), figsize=(4.2 * len(axes), 7), squeeze=False)
