@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="number of synthetic images (5 captions each)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
+    parser.add_argument("--heatmap", metavar="PNG", default=None,
+                        help="also draw the entropy map of image 0 vs caption 0 (the paper's Figure 2) to this PNG")
     args = parser.parse_args(argv)
 
     regions, words, word_lengths, texts = synthetic_batch(args.images, seed=args.seed)
@@ -88,6 +90,12 @@ def main(argv=None) -> None:
         is_function = torch.tensor([w in FUNCTION_WORDS for w in texts[t]])
         print(f"  mean weight: function words {float(maps.w[is_function].mean()):.3f}, "
               f"content words {float(maps.w[~is_function].mean()):.3f}")
+    if args.heatmap:
+        from .heatmap import draw_entropy_map
+
+        maps = mefn_fast.entropy_map(regions[0], words[t], word_length=int(word_lengths[t]), attn_norm="none")
+        draw_entropy_map(maps, args.heatmap, texts[t], title="image 0 vs caption 0, attn_norm='none'")
+        print(f"\nwrote {args.heatmap}")
     print("\nWith attn_norm='none' a function word, matching no region, spreads its attention (high entropy, low\n"
           "weight). SCAN's clipped_l2norm rescales each region's row over the words, which can make a function\n"
           "word attend sharply to a background region: the weights then follow that attention.")
