@@ -345,11 +345,13 @@ def plot_rows(rows: list, path: str) -> Optional[str]:
 SCALING_AXES = {"b_txt": [64, 128, 256, 512, 1024, 2048, 4096], "n": [36, 100, 197], "d": [256, 512, 1024]}
 
 
-def run_scaling(device: str, dtype_name: str, backends: list, repeats: int, quick: bool, time_budget_s: float) -> list:
+def run_scaling(device: str, dtype_name: str, backends: list, repeats: int, quick: bool, time_budget_s: float,
+                base: Optional[Workload] = None, axes: Optional[dict] = None) -> list:
     """Vary B_txt, N and d one at a time around a base workload; skip a backend once a point exceeds the budget."""
-    base = Workload("scaling", 64 if device == "cuda" else 16, 256, 36, 32, 1024, False, (dtype_name,), device)
+    if base is None:
+        base = Workload("scaling", 64 if device == "cuda" else 16, 256, 36, 32, 1024, False, (dtype_name,), device)
     rows = []
-    for axis, values in SCALING_AXES.items():
+    for axis, values in (axes or SCALING_AXES).items():
         if quick:
             values = values[:4] if axis == "b_txt" else values[:2]
         too_slow: set = set()
@@ -391,14 +393,8 @@ def plot_scaling(rows: list, path: str) -> Optional[str]:
     return path
 
 
-def main(argv=None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--_memory"]:  # internal: one measurement in a fresh process
-        _memory_child(*argv[1:5])
-        return 0
-    p = argparse.ArgumentParser(prog="mefn-fast bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The runner's flags (shared by ``python -m mefn_fast.bench`` and ``mefn-fast bench``)."""
     p.add_argument("--workloads", nargs="*", default=None, choices=sorted(WORKLOADS),
                    help="workloads to run (default: every workload for this device)")
     p.add_argument("--backends", nargs="*", default=None,
@@ -410,14 +406,18 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-only", action="store_true", help="run only the scaling study")
     p.add_argument("--no-memory", action="store_true", help="skip the per-backend memory subprocesses")
     p.add_argument("--out", default="bench-results", help="folder for the CSV, JSON, markdown table and PNG plots")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; returns an exit code."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA GPU is visible")
+        print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
     repeats = args.repeats or (3 if args.quick else 5)
     if repeats < 1:
-        p.error("--repeats must be >= 1")
+        print("error: --repeats must be >= 1", file=sys.stderr)
+        return 2
     env = environment()
     print(f"mefn_fast bench on {env['gpu'] or env['cpu']} ({device}, {env['cpu_threads']} threads), "
           f"torch {env['torch']}, commit {env['commit']}")
@@ -451,6 +451,20 @@ def main(argv=None) -> int:
         png = plot_scaling(srows, os.path.join(args.out, f"scaling-{device}.png"))
         print("\nwrote " + ", ".join(paths + ([png] if png else [])))
     return 0
+
+
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--_memory"]:  # internal: one measurement in a fresh process
+        _memory_child(*argv[1:5])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m mefn_fast.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
