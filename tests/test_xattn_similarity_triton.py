@@ -1,0 +1,352 @@
+"""The Triton backend of ``xattn_similarity`` against the reference.
+
+Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here
+before the kernel module is imported, so it only affects Triton kernels decorated later in this
+process) on CPU tensors: those tests are marked ``interpreter`` and use small shapes. With a
+CUDA GPU (and TRITON_INTERPRET unset) the same tests run on CUDA tensors, and the ``gpu`` tests
+(bfloat16, large shapes, run-to-run determinism, the public API) run too; without one they are
+skipped. ``benchmarks/gpu_check.sh`` runs ``pytest -m gpu`` on a lent GPU.
+
+Tolerance (flash-attention's rule): the Triton result's error against a float64 reference is at
+most a small multiple of the error the reference itself makes in the same dtype, plus a floor of
+a few units in the last place of that dtype (the reference's own error can be 0 by chance).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+_INTERPRET_PRESET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+ON_GPU = torch.cuda.is_available() and not _INTERPRET_PRESET
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before mefn_fast.kernels.xattn_similarity is imported
+
+triton = pytest.importorskip("triton")
+
+import mefn_fast  # noqa: E402
+from conftest import OPTION_GRID, make_inputs, option_id  # noqa: E402
+from mefn_fast import triton_backend as tb  # noqa: E402
+from mefn_fast.options import make_options  # noqa: E402
+from mefn_fast.reference import xattn_similarity_reference  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+_km = sys.modules.get("mefn_fast.kernels.xattn_similarity")
+if not ON_GPU and _km is not None and not isinstance(_km._fwd_kernel, triton.runtime.interpreter.InterpretedFunction):
+    pytest.skip("mefn_fast.kernels was imported without TRITON_INTERPRET=1 in this process; run this file alone",
+                allow_module_level=True)
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh): "
+                               "the interpreter gets bf16 wrong and is far too slow for large shapes")
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def triton_scores(regions, rl, words, wl, **opts):
+    return tb.xattn_similarity_triton(regions, rl, words, wl, make_options(**opts))
+
+
+def ref_scores(regions, rl, words, wl, **opts):
+    return xattn_similarity_reference(regions, rl, words, wl, make_options(**opts))
+
+
+def _run(fn, regions, rl, words, wl, weight, opts, grad=True):
+    r = regions.detach().clone().requires_grad_(grad)
+    w = words.detach().clone().requires_grad_(grad)
+    s = fn(r, rl, w, wl, **opts)
+    if not grad:
+        return s.detach(), None, None
+    dr, dw = torch.autograd.grad((s * weight.to(s.dtype)).sum(), (r, w))
+    return s.detach(), dr, dw
+
+
+def _err(a, b):
+    return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
+
+
+def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, grad=True, factor=4.0,
+                            ulps=16.0, seed=0):
+    """Triton in ``dtype`` vs the float64 reference, with the reference in ``dtype`` as the yardstick.
+
+    Returns the measured errors (for reporting): {name: (triton_err, reference_err)}.
+    """
+    weight = torch.randn(regions.shape[0], words.shape[0], generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.float64)
+    r64, w64 = regions.double().cpu(), words.double().cpu()
+    want = _run(ref_scores, r64, rl.cpu(), w64, wl.cpu(), weight, opts, grad)
+    same = _run(ref_scores, r64.to(dtype), rl.cpu(), w64.to(dtype), wl.cpu(), weight, opts, grad)
+    got = _run(triton_scores, regions.to(device=DEVICE, dtype=dtype), rl.to(DEVICE),
+               words.to(device=DEVICE, dtype=dtype), wl.to(DEVICE), weight.to(DEVICE), opts, grad)
+    assert got[0].dtype == dtype and got[0].shape == want[0].shape
+    out = {}
+    for name, g, s, w in zip(("scores", "d_regions", "d_words"), got, same, want):
+        if w is None:
+            continue
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        err, base = _err(g, w), _err(s, w)
+        floor = ulps * EPS[dtype] * max(float(w.abs().max()), 1e-3)
+        assert err <= factor * base + floor, f"{name}: triton err {err:.3g} vs reference err {base:.3g} (floor {floor:.3g})"
+        out[name] = (err, base)
+    return out
+
+
+# Every option combination once, on a ragged shape where several query items share a program
+# (M=5 -> 8 columns per caption, 4 captions per block; N=7 -> 8 columns per image in i2t).
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
+def test_every_option_fp32(opts):
+    regions, rl, words, wl = make_inputs(3, 5, 7, 5, 11, dtype=torch.float64, seed=1)
+    check_against_reference(regions, rl, words, wl, opts)
+
+
+# (b_img, b_txt, n, m, d): length-1 items, primes, d over several feature chunks, a partial block
+# of query items, N and M above 16 (bigger tiles, one query item per block).
+WEIRD_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 17, 3, 40), (5, 2, 3, 9, 33), (2, 7, 37, 2, 20), (3, 2, 2, 33, 7)]
+WEIRD_OPTS = [OPTION_GRID[i] for i in (0, 11, 21)]  # t2i clip mfe mean; i2t clip nomfe lse; both none mfe lse
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", WEIRD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", WEIRD_OPTS, ids=option_id)
+def test_weird_shapes_fp32(shape, opts):
+    regions, rl, words, wl = make_inputs(*shape, dtype=torch.float64, seed=sum(shape))
+    check_against_reference(regions, rl, words, wl, opts)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [OPTION_GRID[16], OPTION_GRID[21]], ids=option_id)
+def test_long_contexts_fp32(opts):
+    """N = 130 -> 256-row context tiles (float32 here; on a GPU that size is taken in fp16 / bf16),
+    whose Gram matrix is formed inside the main kernels
+    rather than read from the prologue; and 256-column query tiles in i2t."""
+    regions, rl, words, wl = make_inputs(2, 3, 130, 3, 8, dtype=torch.float64, seed=13)
+    check_against_reference(regions, rl, words, wl, opts)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 9, 18)], ids=option_id)
+def test_float16(opts):
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 24, dtype=torch.float64, seed=2)
+    check_against_reference(regions, rl, words, wl, opts, dtype=torch.float16)
+
+
+@pytest.mark.interpreter
+def test_full_lengths_and_defaults():
+    regions, rl, words, wl = make_inputs(2, 3, 6, 4, 9, dtype=torch.float64, seed=4, ragged=False)
+    check_against_reference(regions, rl, words, wl, {})
+    check_against_reference(regions, rl, words, wl, dict(direction="both"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_padding_is_inert_and_gets_zero_gradient(direction):
+    regions, rl, words, wl = make_inputs(3, 4, 6, 5, 7, dtype=torch.float32, seed=11, device=DEVICE)
+    r2, w2 = regions.clone(), words.clone()
+    for i, n in enumerate(rl.tolist()):
+        r2[i, n:] = float("nan") if i % 2 else 1e3
+    for t, m in enumerate(wl.tolist()):
+        w2[t, m:] = float("inf") if t % 2 else -7.0
+    weight = torch.randn(3, 4, device=DEVICE)
+    s1, dr1, dw1 = _run(triton_scores, regions, rl, words, wl, weight, dict(direction=direction))
+    s2, dr2, dw2 = _run(triton_scores, r2, rl, w2, wl, weight, dict(direction=direction))
+    assert torch.equal(s1, s2) and torch.equal(dr1, dr2) and torch.equal(dw1, dw2)
+    for i, n in enumerate(rl.tolist()):
+        assert (dr2[i, n:] == 0).all()
+    for t, m in enumerate(wl.tolist()):
+        assert (dw2[t, m:] == 0).all()
+
+
+@pytest.mark.interpreter
+def test_non_contiguous_inputs():
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, dtype=torch.float32, seed=6, device=DEVICE)
+    opts = dict(direction="both", agg="lse")
+    r_nc = regions.transpose(1, 2).contiguous().transpose(1, 2)  # same values, feature stride != 1
+    w_nc = torch.stack([words, -words], dim=-1)[..., 0]  # feature stride 2
+    rl_nc = torch.stack([rl, rl], dim=-1)[:, 1]
+    assert not r_nc.is_contiguous() and not w_nc.is_contiguous() and not rl_nc.is_contiguous()
+    assert torch.equal(r_nc, regions) and torch.equal(w_nc, words)
+    weight = torch.randn(3, 4, device=DEVICE)
+    a = _run(triton_scores, regions, rl, words, wl, weight, opts)
+    b = _run(triton_scores, r_nc, rl_nc, w_nc, wl, weight, opts)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # the kernels themselves take any strides (the op makes inputs contiguous only for speed)
+    from mefn_fast.kernels import xattn_similarity as k
+    o = make_options(**opts).to_dict()
+    assert torch.allclose(k.xattn_similarity_forward(r_nc, rl, w_nc, wl, o), a[0], rtol=1e-6, atol=0)
+    g = weight.t().contiguous().t()
+    for x, y in zip(k.xattn_similarity_backward(g, r_nc, rl, w_nc, wl, o), a[1:]):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.interpreter
+def test_stride0_upstream_gradient():
+    regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, seed=7, device=DEVICE)
+    opts = dict(direction="both", mfe=True)
+    r = regions.clone().requires_grad_(True)
+    w = words.clone().requires_grad_(True)
+    triton_scores(r, rl, w, wl, **opts).sum().backward()  # grad is an expanded scalar, stride (0, 0)
+    s, dr, dw = _run(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
+    assert torch.equal(r.grad, dr) and torch.equal(w.grad, dw)
+    r64 = regions.double().cpu().requires_grad_(True)
+    w64 = words.double().cpu().requires_grad_(True)
+    ref_scores(r64, rl.cpu(), w64, wl.cpu(), **opts).sum().backward()
+    assert _err(r.grad, r64.grad) <= 1e-5 * float(r64.grad.abs().max())
+    assert _err(w.grad, w64.grad) <= 1e-5 * float(w64.grad.abs().max())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("which", ["regions", "words"])
+def test_only_one_input_requires_grad(which):
+    regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, seed=8, device=DEVICE)
+    opts = dict(direction="both")
+    _, dr, dw = _run(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
+    r = regions.clone().requires_grad_(which == "regions")
+    w = words.clone().requires_grad_(which == "words")
+    triton_scores(r, rl, w, wl, **opts).sum().backward()
+    if which == "regions":
+        assert w.grad is None and torch.equal(r.grad, dr)
+    else:
+        assert r.grad is None and torch.equal(w.grad, dw)
+
+
+@pytest.mark.interpreter
+def test_empty_batches():
+    regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, device=DEVICE)
+    r = regions[:0].clone().requires_grad_(True)
+    s = triton_scores(r, rl[:0], words, wl)
+    assert s.shape == (0, 3)
+    s.sum().backward()
+    assert r.grad.shape == r.shape
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("opts", [OPTION_GRID[0], OPTION_GRID[23]], ids=option_id)
+def test_opcheck(opts):
+    regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, seed=9, device=DEVICE,
+                                         requires_grad=True)
+    o = make_options(**opts)
+    args = (regions, rl, words, wl, o.direction, o.lambda_t2i, o.lambda_i2t, o.attn_norm, o.mfe, o.tau, o.agg,
+            o.lambda_lse)
+    torch.library.opcheck(tb.xattn_similarity_op, args)
+    grad = torch.randn(2, 3, device=DEVICE)
+    bargs = (grad, regions.detach(), rl, words.detach(), wl, *args[4:], True, True)
+    torch.library.opcheck(tb.xattn_similarity_backward_op, bargs)
+
+
+@pytest.mark.interpreter
+def test_deterministic_on_interpreter():
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, dtype=torch.float32, seed=12, device=DEVICE)
+    weight = torch.randn(3, 4, device=DEVICE)
+    a = _run(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
+    b = _run(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_input_limits_and_registry():
+    r = torch.zeros(1, tb.MAX_N + 1, 4)
+    w = torch.zeros(1, tb.MAX_M + 1, 4)
+    reasons = tb.input_limits(r, w, make_options())
+    assert len(reasons) == 2 and "256" in reasons[0] and "128" in reasons[1]
+    assert tb.input_limits(r[:, :36], w[:, :32], make_options()) == []
+    assert tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :tb.MAX_M_LONG_N], make_options()) == []
+    assert tb.input_limits(r[:, :tb.MAX_N_FP32], w[:, :tb.MAX_M], make_options()) == []
+    assert "M=33" in tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :33], make_options())[0]
+    assert "float32" in tb.input_limits(r[:, :tb.MAX_N_FP32 + 1], w[:, :32], make_options())[0]
+    if not torch.cuda.is_available():
+        reason = mefn_fast.backend_status()["triton"]
+        assert reason is not None and "CUDA" in reason
+        # "auto" never picks Triton for CPU tensors
+        regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32)
+        with pytest.raises(ValueError, match="triton"):
+            mefn_fast.xattn_similarity(regions, rl, words, wl, backend="triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    regions, rl, words, wl = make_inputs(1, 1, 2, 2, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        triton_scores(regions, rl, words, wl)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only (skipped here): run by benchmarks/gpu_check.sh on a lent H100/H200, most important
+# first (the check script gives pytest a time limit). Each new tile shape, dtype and option set
+# is a fresh Triton compilation, so the sets below are deliberately few.
+# ------------------------------------------------------------------------------------------
+
+# Option sets on the GPU: the default flags (clipped_l2norm, mfe, mean) and attn_norm none + mfe +
+# lse, both with direction "both" (both roles of every kernel). Keep these in step with
+# PRECOMPILE in benchmarks/bench_xattn_similarity_gpu.py, which compiles them in parallel first.
+GPU_OPTS = [OPTION_GRID[16], OPTION_GRID[21]]  # both-clipped_l2norm-mfe-mean, both-none-mfe-lse
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opts", GPU_OPTS, ids=option_id)
+def test_gpu_half_precision(opts, dtype):
+    regions, rl, words, wl = make_inputs(6, 9, 36, 32, 128, dtype=torch.float64, seed=21)
+    check_against_reference(regions, rl, words, wl, opts, dtype=dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_run_to_run_determinism(dtype):
+    regions, rl, words, wl = make_inputs(16, 48, 36, 32, 512, dtype=dtype, seed=24, device="cuda")
+    weight = torch.randn(16, 48, device="cuda")
+    runs = [_run(triton_scores, regions, rl, words, wl, weight, dict(direction="both")) for _ in range(3)]
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_public_api_and_auto():
+    regions, rl, words, wl = make_inputs(4, 5, 36, 32, 128, dtype=torch.float16, seed=25, device="cuda")
+    assert "triton" in mefn_fast.available_backends()
+    a = mefn_fast.xattn_similarity(regions, rl, words, wl, backend="triton", direction="both")
+    b = triton_scores(regions, rl, words, wl, direction="both")
+    assert torch.equal(a, b)
+    mefn_fast.xattn_similarity(regions, rl, words, wl, backend="auto")  # a GPU backend, never an error
+    with pytest.raises(ValueError, match="regions per image"):
+        mefn_fast.xattn_similarity(torch.zeros(1, 300, 8, device="cuda"), None, torch.zeros(1, 4, 8, device="cuda"),
+                                   None, backend="triton")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape,opts", [
+    ((8, 40, 36, 32, 1024), GPU_OPTS[0]),     # SCAN's sizes, many feature chunks
+    ((2, 3, 1, 1, 1), OPTION_GRID[21]),        # the smallest
+    ((5, 7, 100, 70, 300), OPTION_GRID[21]),   # odd sizes, 128-row tiles
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else option_id(v))
+def test_gpu_large_shapes_fp32(shape, opts):
+    regions, rl, words, wl = make_inputs(*shape, dtype=torch.float64, seed=22)
+    check_against_reference(regions, rl, words, wl, opts)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_vit_patches_bf16():
+    """ViT patches (N = 197, t2i): 256-row context tiles; float32 is refused at this size."""
+    regions, rl, words, wl = make_inputs(4, 6, 197, 32, 512, dtype=torch.float64, seed=22)
+    check_against_reference(regions, rl, words, wl, OPTION_GRID[0], dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tf32_when_asked():
+    regions, rl, words, wl = make_inputs(6, 9, 36, 32, 256, dtype=torch.float64, seed=23)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert tb._kernels().dot_precision(torch.float32) == "tf32"
+        check_against_reference(regions, rl, words, wl, dict(direction="t2i"), factor=1.0, ulps=2.0 ** 23 * 1e-2)
+    finally:
+        torch.set_float32_matmul_precision(prev)
