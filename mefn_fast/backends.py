@@ -85,11 +85,11 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("cuda", "C++/CUDA extension op (tensor-core tiles, shared per-pair header)", "cuda_backend",
-                ("cuda",), (torch.float16, torch.bfloat16, torch.float32), issue="issue #5"),
+                ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
         Backend("triton", "Triton kernels (fused tile, entropy and aggregation)", "triton_backend",
-                ("cuda",), (torch.float16, torch.bfloat16, torch.float32), issue="issue #4"),
+                ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
         Backend("cpu", "C++ CPU extension op (blocked GEMM tiles, fused per-pair epilogue)", "cpu_backend",
-                ("cpu",), (torch.float32, torch.float64), issue="issue #3"),
+                ("cpu",), (torch.float32, torch.float64)),
         Backend("reference", "plain PyTorch, materialising, chunked over captions", "reference_backend",
                 ("cpu", "cuda", "mps", "xpu"), _ALL_FLOATS),
     )

@@ -1,0 +1,7 @@
+"""Drop-in replacements for functions of other image-text matching code bases.
+
+``mefn_fast.compat.scan``: SCAN's ``xattn_score_t2i`` / ``xattn_score_i2t`` backed by the fused op.
+"""
+from . import scan
+
+__all__ = ["scan"]

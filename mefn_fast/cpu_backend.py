@@ -1,0 +1,48 @@
+"""The "cpu" backend: the fused C++ op ``mefn_fast::xattn_similarity_fwd`` (csrc/xattn_similarity.cpp)
+with its backward, for float32 and float64 CPU tensors.
+
+Half-precision CPU inputs are not taken (``input_limits`` says so and ``"auto"`` falls back to the
+reference, which computes them in float32): the op would only upcast them, and doing that in the
+caller keeps the op's dtype contract simple.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import BackendUnavailable
+from .options import XAttnOptions
+
+
+def _build_reason() -> str:
+    from .info import build_info
+
+    info = build_info()
+    if info.get("built"):
+        return "the extension was built but mefn_fast._C does not import"
+    return f"C++ extension not built: {info.get('reason') or 'unknown reason'}"
+
+
+def load():
+    try:
+        from . import ext_ops
+    except ImportError as e:
+        raise BackendUnavailable(f"{_build_reason()} ({type(e).__name__}: {e})") from None
+    if not hasattr(torch.ops.mefn_fast, "xattn_similarity_fwd"):
+        raise BackendUnavailable("mefn_fast._C loaded but did not register mefn_fast::xattn_similarity_fwd")
+
+    def impl(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor, word_lengths: torch.Tensor,
+             opts: XAttnOptions, chunk_size: Optional[int] = None) -> torch.Tensor:
+        # chunk_size is the reference's knob; the fused op's memory is bounded by its block sizes.
+        return ext_ops.xattn_similarity(regions, region_lengths, words, word_lengths, opts)
+
+    return impl
+
+
+def input_limits(regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> list:
+    """Why the cpu backend cannot take these inputs (devices and dtypes are checked by the registry)."""
+    out = []
+    if regions.device.type != "cpu" or words.device.type != "cpu":
+        out.append("regions and words must be CPU tensors")
+    return out

@@ -1,0 +1,330 @@
+"""The "cpu" backend (C++ op mefn_fast::xattn_similarity_fwd/_bwd) against the reference.
+
+Skipped, with the reason, only when the extension was genuinely not built (see
+``python -m mefn_fast.info``); when the build record says it was built, everything here must run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mefn_fast
+from conftest import OPTION_GRID, make_inputs, option_id
+from mefn_fast.backends import get_backend
+from mefn_fast.info import build_info
+
+_BUILD = build_info()
+pytestmark = pytest.mark.skipif(not _BUILD.get("built"),
+                                reason=f"C++ extension not built: {_BUILD.get('reason')}")
+
+# (b_img, b_txt, n, m, d): length-1 items, primes, non-powers of two, n < m and n > m.
+SHAPES = [(3, 4, 7, 5, 11), (1, 1, 1, 1, 3), (2, 5, 13, 3, 8), (4, 2, 3, 17, 5), (5, 7, 6, 2, 33)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def cpu(regions, rl, words, wl, **opts):
+    return mefn_fast.xattn_similarity(regions, rl, words, wl, backend="cpu", **opts)
+
+
+def ref(regions, rl, words, wl, **opts):
+    return mefn_fast.xattn_similarity(regions, rl, words, wl, backend="reference", **opts)
+
+
+def scores_and_grads(fn, regions, rl, words, wl, upstream=None, **opts):
+    regions = regions.detach().clone().requires_grad_(True)
+    words = words.detach().clone().requires_grad_(True)
+    s = fn(regions, rl, words, wl, **opts)
+    if upstream is None:
+        upstream = torch.randn(s.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(s.dtype)
+    gr, gw = torch.autograd.grad(s, (regions, words), upstream)
+    return s.detach(), gr, gw
+
+
+def test_backend_is_available_when_built():
+    assert get_backend("cpu").unavailable_reason() is None
+    assert "cpu" in mefn_fast.available_backends()
+
+
+def test_auto_picks_cpu_for_cpu_float_tensors():
+    from mefn_fast.backends import select_backend
+    from mefn_fast.options import XAttnOptions
+
+    r, w = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert select_backend("auto", r, w, XAttnOptions())[0] == "cpu"
+    assert select_backend("auto", r.double(), w.double(), XAttnOptions())[0] == "cpu"
+    assert select_backend("auto", r.half(), w.half(), XAttnOptions())[0] == "reference"
+
+
+# ----------------------------------------------------------------------------- float64: exact
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
+def test_float64_forward_and_gradients_match_reference(shape, opts):
+    regions, rl, words, wl = make_inputs(*shape, seed=sum(shape))
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, **opts)
+    s_ref, gr_ref, gw_ref = scores_and_grads(ref, regions, rl, words, wl, **opts)
+    assert s.dtype == torch.float64 and s.shape == (shape[0], shape[1])
+    assert rel_err(s, s_ref) <= 1e-10
+    assert rel_err(gr, gr_ref) <= 1e-10
+    assert rel_err(gw, gw_ref) <= 1e-10
+
+
+# ----------------------------------------------------------------------------- float32
+# flash-attention's rule: the error against the float64 reference is at most a small multiple of
+# what the reference itself makes in float32 (plus a few ulps of the result's scale).
+def _assert_fp32_close(got, ref32, ref64, what):
+    ref64 = ref64.double()
+    scale = float(ref64.abs().max())
+    err = float((got.double() - ref64).abs().max())
+    err_ref = float((ref32.double() - ref64).abs().max())
+    bound = 3.0 * err_ref + 8 * torch.finfo(torch.float32).eps * scale
+    assert err <= bound, f"{what}: error {err:.3g} vs the reference's own fp32 error {err_ref:.3g} (bound {bound:.3g})"
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7, 5, 11), (4, 6, 36, 32, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
+def test_float32_forward_and_gradients_within_reference_error(shape, opts):
+    regions, rl, words, wl = make_inputs(*shape, seed=3)
+    upstream = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s64, gr64, gw64 = scores_and_grads(ref, regions, rl, words, wl, upstream, **opts)
+    r32, w32, up32 = regions.float(), words.float(), upstream.float()
+    s_ref, gr_ref, gw_ref = scores_and_grads(ref, r32, rl, w32, wl, up32, **opts)
+    s, gr, gw = scores_and_grads(cpu, r32, rl, w32, wl, up32, **opts)
+    assert s.dtype == torch.float32 and gr.dtype == torch.float32
+    _assert_fp32_close(s, s_ref, s64, "scores")
+    _assert_fp32_close(gr, gr_ref, gr64, "grad regions")
+    _assert_fp32_close(gw, gw_ref, gw64, "grad words")
+
+
+# ----------------------------------------------------------------------------- autograd, opcheck
+@pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 3, 5, 10, 13, 16, 19, 22)], ids=option_id)
+def test_gradcheck(opts):
+    regions, rl, words, wl = make_inputs(3, 2, 4, 3, 5, seed=11, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, w: cpu(r, rl, w, wl, **opts), (regions, words), eps=1e-6, atol=1e-8)
+
+
+def _op_samples():
+    from mefn_fast.ext_ops import option_args
+    from mefn_fast.options import make_options
+
+    out = []
+    for i, opts in enumerate([OPTION_GRID[0], OPTION_GRID[7], OPTION_GRID[17]]):
+        for dtype in (torch.float32, torch.float64):
+            r, rl, w, wl = make_inputs(3, 4, 5, 6, 7, dtype=dtype, seed=i, requires_grad=True)
+            out.append(((r, rl, w, wl), option_args(make_options(**opts))))
+    return out
+
+
+def test_opcheck_forward_op():
+    from mefn_fast.ext_ops import fwd_op
+
+    for (r, rl, w, wl), args in _op_samples():
+        torch.library.opcheck(fwd_op, (r, rl, w, wl, *args))
+
+
+def test_opcheck_backward_op():
+    from mefn_fast.ext_ops import bwd_op
+
+    for (r, rl, w, wl), args in _op_samples():
+        g = torch.randn(r.shape[0], w.shape[0], dtype=r.dtype)
+        for need in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(bwd_op, (g, r.detach(), rl, w.detach(), wl, *args, *need))
+
+
+def test_backward_honours_needs_input_grad():
+    regions, rl, words, wl = make_inputs(3, 4, 5, 6, 7, seed=2)
+    words.requires_grad_(True)
+    s = cpu(regions, rl, words, wl, direction="both")
+    (gw,) = torch.autograd.grad(s.sum(), (words,))
+    _, _, gw_ref = scores_and_grads(ref, regions, rl, words, wl, torch.ones_like(s), direction="both")
+    assert regions.grad is None and rel_err(gw, gw_ref) <= 1e-10
+
+
+# ----------------------------------------------------------------------------- layouts and sizes
+def test_non_contiguous_inputs():
+    regions, rl, words, wl = make_inputs(4, 5, 6, 7, 9, seed=4)
+    r_nc = regions.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    w_nc = torch.stack([words, words], dim=-1)[..., 0]  # same values, strided last dim
+    rl_nc = torch.stack([rl, rl], 1)[:, 0]
+    assert not r_nc.is_contiguous() and not w_nc.is_contiguous() and not rl_nc.is_contiguous()
+    for direction in ("t2i", "i2t", "both"):
+        s, gr, gw = scores_and_grads(cpu, r_nc, rl_nc, w_nc, wl, direction=direction)
+        s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, direction=direction)
+        assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+
+
+def test_stride_zero_upstream_gradient():
+    regions, rl, words, wl = make_inputs(3, 4, 5, 6, 7, seed=5, requires_grad=True)
+    cpu(regions, rl, words, wl, direction="both").sum().backward()  # grad is an expanded scalar
+    _, gr, gw = scores_and_grads(ref, regions, rl, words, wl, torch.ones(3, 4, dtype=torch.float64), direction="both")
+    assert rel_err(regions.grad, gr) <= 1e-10 and rel_err(words.grad, gw) <= 1e-10
+
+
+@pytest.mark.parametrize("b_img,b_txt", [(1, 6), (5, 1), (1, 1)])
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_single_image_or_caption(b_img, b_txt, direction):
+    regions, rl, words, wl = make_inputs(b_img, b_txt, 6, 4, 10, seed=6)
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, direction=direction)
+    s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, direction=direction)
+    assert s.shape == (b_img, b_txt)
+    assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+
+
+@pytest.mark.parametrize("opts", [OPTION_GRID[0], OPTION_GRID[21]], ids=option_id)
+def test_many_blocks(opts):
+    # block sizes are about 256 / N images and 512 / M captions, at most a batch's eighth: here
+    # 8+ blocks per side, a ragged last block, every length from 1 to the maximum.
+    regions, rl, words, wl = make_inputs(67, 150, 5, 4, 8, seed=8)
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, **opts)
+    s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, **opts)
+    assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+
+
+def test_empty_batches():
+    regions, rl, words, wl = make_inputs(2, 3, 4, 3, 5, requires_grad=True)
+    s = cpu(regions[:0], rl[:0], words, wl)
+    assert s.shape == (0, 3)
+    s = cpu(regions, rl, words[:0], wl[:0])
+    assert s.shape == (2, 0)
+    s.sum().backward()
+    assert regions.grad is not None and (regions.grad == 0).all()
+
+
+def test_padding_is_inert_and_gets_zero_gradient():
+    regions, rl, words, wl = make_inputs(3, 4, 6, 5, 7, seed=9)
+    r_pad, w_pad = regions.clone(), words.clone()
+    for i, n in enumerate(rl.tolist()):
+        r_pad[i, n:] = float("nan")
+    for t, m in enumerate(wl.tolist()):
+        w_pad[t, m:] = 1e30
+    for direction in ("t2i", "i2t", "both"):
+        s, gr, gw = scores_and_grads(cpu, r_pad, rl, w_pad, wl, direction=direction)
+        s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, direction=direction)
+        assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+        for i, n in enumerate(rl.tolist()):
+            assert (gr[i, n:] == 0).all()
+        for t, m in enumerate(wl.tolist()):
+            assert (gw[t, m:] == 0).all()
+
+
+def test_zero_vectors_match_reference():
+    regions, rl, words, wl = make_inputs(2, 3, 4, 3, 5, seed=1)
+    regions[0, 1] = 0.0
+    words[1, 0] = 0.0
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, direction="both")
+    s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, direction="both")
+    assert torch.isfinite(s).all() and torch.isfinite(gr).all() and torch.isfinite(gw).all()
+    assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+
+
+# ----------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_bits_for_any_thread_count_and_across_runs(dtype):
+    regions, rl, words, wl = make_inputs(37, 45, 9, 7, 40, dtype=dtype, seed=10)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            results.append(scores_and_grads(cpu, regions, rl, words, wl, direction="both"))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_input_through_the_cpu_backend():
+    regions, rl, words, wl = make_inputs(2, 3, 4, 5, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match="region_lengths"):
+        cpu(regions, torch.tensor([0, 4]), words, wl)
+    with pytest.raises(ValueError, match="word_lengths"):
+        cpu(regions, rl, words, torch.tensor([1, 6, 2]))
+    with pytest.raises(ValueError, match="feature dimension"):
+        cpu(regions, rl, words[..., :5], wl)
+    with pytest.raises(TypeError, match="dtype"):
+        cpu(regions, rl, words.double(), wl)
+    with pytest.raises(ValueError, match="tau"):
+        cpu(regions, rl, words, wl, tau=0.0)
+    with pytest.raises(ValueError, match="cpu"):  # half precision: the cpu backend says it cannot
+        cpu(regions.half(), rl, words.half(), wl)
+
+
+def test_the_raw_op_checks_its_arguments():
+    from mefn_fast.ext_ops import fwd_op
+
+    regions, rl, words, wl = make_inputs(2, 3, 4, 5, 6, dtype=torch.float32)
+    args = ("t2i", 9.0, 4.0, "clipped_l2norm", True, 0.25, "mean", 6.0)
+    with pytest.raises(RuntimeError, match="region_lengths"):
+        fwd_op(regions, torch.tensor([0, 4]), words, wl, *args)
+    with pytest.raises(RuntimeError, match="word_lengths"):
+        fwd_op(regions, rl, words, wl[:2], *args)
+    with pytest.raises(RuntimeError, match="direction"):
+        fwd_op(regions, rl, words, wl, "x2y", *args[1:])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        fwd_op(regions.half(), rl, words.half(), wl, *args)
+    with pytest.raises(RuntimeError, match="tau"):
+        fwd_op(regions, rl, words, wl, *args[:5], -1.0, *args[6:])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_torch_compile_small_mefn_forward_and_backward():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = mefn_fast.MEFN(embed_dim=8, region_dim=12, text_encoder=config, text_pretrained=False, backend="cpu",
+                           direction="both")
+    feats = torch.randn(3, 5, 12)
+    region_lengths = torch.tensor([5, 3, 1])
+    ids = torch.randint(5, 50, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[3, 3:] = 0
+    eager = model(feats, ids, mask, region_lengths=region_lengths)
+    eager.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    out = compiled(feats, ids, mask, region_lengths=region_lengths)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- both per-pair builds
+_GENERIC_CHECK = r"""
+import sys, torch, mefn_fast
+sys.path.insert(0, sys.argv[1])
+from conftest import OPTION_GRID, make_inputs
+for opts in OPTION_GRID:
+    r, rl, w, wl = make_inputs(3, 4, 7, 5, 11, seed=5)
+    out = []
+    for backend in ("cpu", "reference"):
+        r1, w1 = r.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        s = mefn_fast.xattn_similarity(r1, rl, w1, wl, backend=backend, **opts)
+        s.backward(torch.linspace(-1, 1, s.numel(), dtype=s.dtype).reshape(s.shape))
+        out.append((s.detach(), r1.grad, w1.grad))
+    for a, b in zip(*out):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-10, opts
+print("ok")
+"""
+
+
+def test_generic_per_pair_build_matches_reference():
+    # The op picks the AVX2+FMA copy of the per-pair math when the CPU has it; MEFN_CPU_ISA=generic
+    # forces the default (SSE2) copy, which every other x86-64 CPU runs.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEFN_CPU_ISA="generic")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _GENERIC_CHECK, tests_dir], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
