@@ -1,7 +1,10 @@
-"""The ``mefn-fast`` command: ``synth``, ``train``, ``evaluate``, ``info`` (``mefn-fast CMD --help``).
+"""mefn-fast: benchmark the backends, make synthetic data, train, evaluate, draw entropy maps.
+
+Commands: ``bench``, ``synth``, ``train``, ``evaluate``, ``heatmap``, ``ablation``, ``info``
+(``mefn-fast CMD --help``); ``train`` and ``evaluate`` also run under ``torchrun``.
 
 Subcommands live in :data:`COMMANDS` (name -> (help, add_arguments, run)), filled by
-:func:`register` calls at the end of this module; the benchmark suite's ``bench`` is one more call.
+:func:`register` calls at the end of this module.
 """
 from __future__ import annotations
 
@@ -162,20 +165,41 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     p.add_argument("--out", help="JSON file for the results (default: eval_{split}.json beside the model)")
     p.add_argument("--scores", help="also save the (images, captions) score matrix to this .npy file")
+    p.add_argument("--topk", type=int, metavar="K",
+                   help="gallery too large for the score matrix: stream the blocks and keep only the K best captions "
+                        "of each image and images of each caption (no full metrics; written to --topk-out)")
+    p.add_argument("--topk-out", help="the .npz file of --topk: captions_of_image, images_of_caption (indices, "
+                                      "best first, ties to the lower index) and their *_scores (default: "
+                                      "topk_{split}.npz beside the model)")
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                   help="under torchrun: the process group's backend (auto: nccl on CUDA, gloo on the CPU); the "
+                        "score-matrix rows are spread over the ranks and gathered, rank 0 reports")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _evaluate_run(args) -> int:
+    from . import distributed as dist_
+
+    ctx = dist_.setup(args.device, args.dist_backend) if dist_.env_world_size() > 1 else dist_.DistContext()
+    try:
+        return _evaluate(args, ctx)
+    finally:
+        dist_.cleanup(ctx)
+
+
+def _evaluate(args, ctx) -> int:
     import numpy as np
 
     from .data.datasets import open_dataset, timm_transform
-    from .evaluate import evaluate_split, format_table, load_trained, resolve_device, result_json
+    from .evaluate import (evaluate_split, format_table, load_trained, resolve_device, result_json, save_topk,
+                           topk_split)
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = ctx.device if ctx.enabled else resolve_device(args.device)
+    progress = args.progress and ctx.is_main
     model, tokenizer, info = load_trained(args.checkpoint, tokenizer=args.tokenizer)
     model.to(device)
     if args.backend:
@@ -186,20 +210,39 @@ def _evaluate_run(args) -> int:
     if model.config.get("image_encoder") == "timm":
         transform = timm_transform(model, image_size=args.image_size or train_cfg.get("image_size"))
     dataset = open_dataset(args.data, args.split, image_root=args.image_root, transform=transform)
+    base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    procs = f", {ctx.world_size} processes" if ctx.enabled else ""
+    if args.topk is not None:
+        if args.topk < 1:
+            raise SystemExit("mefn-fast evaluate: --topk must be >= 1")
+        res = topk_split(model, dataset, tokenizer, args.topk, batch_size=args.batch_size,
+                         image_chunk=args.image_chunk, caption_chunk=args.caption_chunk, max_length=max_length,
+                         amp=args.amp, workers=args.workers, progress=progress)
+        if not ctx.is_main:
+            return 0
+        out = args.topk_out or os.path.join(base, f"topk_{args.split}.npz")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_topk(res["topk"], out)
+        hits = ", ".join(f"{k} {v:.1f}" for k, v in res["recall_ties_by_index"].items())
+        print(f"{args.checkpoint} on {args.data} [{args.split}]: top-{args.topk} of {res['n_images']} images x "
+              f"{res['n_captions']} captions{procs}, {res['encode_seconds'] + res['score_seconds']:.1f} s\n"
+              f"R@K from the top-k lists (ties to the lower index): {hits or '-'}\ntop-k: {out}")
+        return 0
     if args.folds == "auto":
         folds = 5 if args.split == "testall" and dataset.n_images % 5 == 0 else 0
     else:
         folds = int(args.folds)
     result = evaluate_split(model, dataset, tokenizer, batch_size=args.batch_size, image_chunk=args.image_chunk,
                             caption_chunk=args.caption_chunk, max_length=max_length, folds=folds, amp=args.amp,
-                            workers=args.workers, progress=args.progress)
+                            workers=args.workers, progress=progress)
+    if not ctx.is_main:
+        return 0
     title = (f"{args.checkpoint} on {args.data} [{args.split}]: {result['n_images']} images x "
-             f"{result['n_captions']} captions, backend {result['backend']}, "
+             f"{result['n_captions']} captions, backend {result['backend']}{procs}, "
              f"{result['encode_seconds'] + result['score_seconds']:.1f} s")
     print(format_table(result, title))
     out = args.out
     if out is None:
-        base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
         out = os.path.join(base, f"eval_{args.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
@@ -208,6 +251,131 @@ def _evaluate_run(args) -> int:
     print(f"results: {out}")
     if args.scores:
         np.save(args.scores, result["scores"].numpy())
+    return 0
+
+
+# ---------------------------------------------------------------------------------- heatmap
+def _heatmap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run folder of 'mefn-fast train' (its best/ model), a model folder "
+                                      "(config.json, weights.pt) or a checkpoint last.pt")
+    p.add_argument("--data", required=True, help="SCAN precomputed folder or Karpathy-split JSON file")
+    p.add_argument("--split", default="test", help="split that holds the pair (train, dev, test, testall)")
+    p.add_argument("--image", type=int, default=0, help="index of the image in the split")
+    p.add_argument("--caption", type=int, help="index of the caption in the split (default: the image's first "
+                                               "caption; any caption may be drawn against the image)")
+    p.add_argument("--direction", choices=("t2i", "i2t"),
+                   help="t2i: words query the regions (rows: regions, columns: words); i2t: the reverse "
+                        "(default: the model's direction, t2i for a 'both' model)")
+    p.add_argument("--out", help="PNG file (default: heatmap_{split}_{image}_{caption}.png beside the model)")
+    p.add_argument("--numbers", help="also write the maps (A, h, H, H_norm, w, MFE, R, score, labels) to this JSON "
+                                     "file (default: the PNG's name with .json)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
+    p.add_argument("--image-root", help="images of a Karpathy JSON (default: the JSON's folder)")
+    p.add_argument("--max-length", type=int, help="caption truncation in tokens (default: the training value, else 64)")
+    p.add_argument("--tokenizer", help="tokenizer to use instead of the one saved with the model")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+
+
+def _heatmap_run(args) -> int:
+    from .data.datasets import open_dataset, timm_transform
+    from .evaluate import load_trained, pair_entropy_map
+    from .heatmap import draw_entropy_map
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer, info = load_trained(args.checkpoint, tokenizer=args.tokenizer)
+    train_cfg = info.get("train_config", {})
+    transform = timm_transform(model, image_size=train_cfg.get("image_size")) \
+        if model.config.get("image_encoder") == "timm" else None
+    dataset = open_dataset(args.data, args.split, image_root=args.image_root, transform=transform)
+    caption = args.caption
+    if caption is None:
+        if not 0 <= args.image < dataset.n_images:
+            raise SystemExit(f"mefn-fast heatmap: --image {args.image} is not in [0, {dataset.n_images})")
+        caption = int(list(dataset.caption_image).index(args.image))
+    try:
+        maps, words, regions = pair_entropy_map(model, dataset, tokenizer, args.image, caption,
+                                                max_length=args.max_length or train_cfg.get("max_length", 64),
+                                                direction=args.direction)
+    except ValueError as e:
+        raise SystemExit(f"mefn-fast heatmap: {e}")
+    direction = args.direction or (model.opts.direction if model.opts.direction in ("t2i", "i2t") else "t2i")
+    query, context = (words, regions) if direction == "t2i" else (regions, words)
+    base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    out = args.out or os.path.join(base, f"heatmap_{args.split}_{args.image}_{caption}.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    match = int(dataset.caption_image[caption]) == args.image
+    title = (f"{args.split} image {args.image}, caption {caption} ({'its own' if match else 'another image’s'}): "
+             f"\"{dataset.captions[caption]}\"  [{direction}, mfe={model.opts.mfe}, pair score {float(maps.score):.3f}]")
+    draw_entropy_map(maps, out, query_labels=query, context_labels=context, title=title, dpi=args.dpi)
+    numbers = args.numbers or os.path.splitext(out)[0] + ".json"
+    with open(numbers, "w") as f:
+        json.dump({"split": args.split, "image": args.image, "caption": caption, "text": dataset.captions[caption],
+                   "direction": direction, "query_labels": list(query), "context_labels": list(context),
+                   **{k: v.tolist() for k, v in maps._asdict().items()}}, f, indent=1)
+    print(f"entropy map of {args.split} image {args.image} x caption {caption} ({len(words)} words x "
+          f"{len(regions)} regions, MFE {float(maps.MFE):.3f}): {out}  (numbers: {numbers})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- ablation
+def _ablation_args(p: argparse.ArgumentParser) -> None:
+    from .ablation import VARIANTS, AblationConfig
+
+    d = AblationConfig()
+    p.add_argument("--out", default=d.out, help="folder for the runs, the generated data and ablation.json")
+    p.add_argument("--data", help="SCAN precomputed folder with a train split and --split (default: generate the "
+                                  "synthetic scenes into OUT/data)")
+    p.add_argument("--split", default=d.split, help="split every variant is evaluated on")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="training seeds, the same for every "
+                                                                               "variant")
+    p.add_argument("--variants", nargs="+", choices=[n for n, _ in VARIANTS], metavar="NAME",
+                   help="run only these rows (default: all: " + "; ".join(n for n, _ in VARIANTS) + ")")
+    p.add_argument("--synth-seed", type=int, default=d.synth_seed, help="seed of the generated synthetic scenes")
+    p.add_argument("--synth-train", type=int, default=d.synth_train, help="generated train images (5 captions each)")
+    p.add_argument("--synth-test", type=int, default=d.synth_test, help="generated test images")
+    p.add_argument("--synth-noise", type=float, default=d.synth_noise, help="noise of the generated region features")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs of every run")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="first epochs with the sum over negatives, then the hardest")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint embedding dimension")
+    p.add_argument("--text-hidden", type=int, default=d.text_hidden, help="'tiny' text encoder: hidden size")
+    p.add_argument("--text-layers", type=int, default=d.text_layers, help="'tiny' text encoder: layers")
+    p.add_argument("--max-steps", type=int, help="stop every run after this many steps (a tiny budget)")
+    p.add_argument("--backend", default=d.backend, help="similarity backend (auto, reference, cpu, triton, cuda)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (1 is often fastest for these small models)")
+    p.add_argument("--train-config", help="JSON file of further 'mefn-fast train' options applied to every run "
+                                          "(e.g. {\"tau\": 0.5})")
+    p.add_argument("--markdown", help="also write the table to this file (default: OUT/ablation.md)")
+
+
+def _ablation_run(args) -> int:
+    from .ablation import AblationConfig, format_markdown, run_ablation
+
+    extra = {}
+    if args.train_config:
+        with open(args.train_config) as f:
+            extra = {k.replace("-", "_"): v for k, v in json.load(f).items()}
+    cfg = AblationConfig(out=args.out, data=args.data, split=args.split, seeds=args.seeds, variants=args.variants,
+                         synth_seed=args.synth_seed, synth_train=args.synth_train, synth_test=args.synth_test,
+                         synth_noise=args.synth_noise, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         warmup_epochs=args.warmup_epochs, embed_dim=args.embed_dim, text_hidden=args.text_hidden,
+                         text_layers=args.text_layers, max_steps=args.max_steps, threads=args.threads,
+                         backend=args.backend, train_options=extra)
+    try:
+        result = run_ablation(cfg)
+    except ValueError as e:
+        raise SystemExit(f"mefn-fast ablation: {e}")
+    table = format_markdown(result)
+    print(table)
+    md = args.markdown or os.path.join(args.out, "ablation.md")
+    with open(md, "w") as f:
+        f.write(table + "\n")
+    print(f"({result['seconds']:.0f} s; every run: {os.path.join(args.out, 'ablation.json')}; table: {md})")
     return 0
 
 
@@ -223,12 +391,32 @@ def _info_run(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- bench
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench_run(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 register("synth", "generate the synthetic 'scenes' data set (SCAN precomputed format, optional PNGs)",
          _synth_args, _synth_run)
 register("train", "train MEFN on a SCAN precomputed folder or a Karpathy JSON", _train_args, _train_run)
 register("evaluate", "retrieval metrics of a trained model on a split (R@K, medr, meanr, mAP, rsum)",
          _evaluate_args, _evaluate_run)
+register("heatmap", "the paper's Figure 2: a trained model's region x word entropy map of one image-caption pair, "
+                    "to a PNG", _heatmap_args, _heatmap_run)
+register("ablation", "the paper's Table 3 on the synthetic scenes: every ablation, same seeds and budget, "
+                     "mean ± std", _ablation_args, _ablation_run)
 register("info", "versions, the extension build and the available similarity backends", _info_args, _info_run)
+register("bench", "benchmark every available backend against the reference and the matrix-product floor "
+                  "(the workloads of SPEC section 6; --quick, --scaling)",
+         _bench_args, _bench_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

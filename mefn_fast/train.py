@@ -87,7 +87,8 @@ class TrainConfig:
     backend: str = _f("auto", "similarity backend: auto, reference, cpu, triton or cuda")
     # optimisation
     epochs: int = _f(10, "training epochs")
-    batch_size: int = _f(128, "image-caption pairs per step")
+    batch_size: int = _f(128, "image-caption pairs per step (under torchrun: per rank; a step takes batch_size x "
+                              "world_size pairs)")
     lr: float = _f(2e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     lr_schedule: str = _f("step", "'step' (x0.1 every --lr-decay-epochs, as SCAN), 'cosine' or 'constant'",
@@ -106,6 +107,12 @@ class TrainConfig:
     workers: int = _f(0, "data loader worker processes")
     threads: Optional[int] = _f(None, "CPU threads of torch (default: torch's choice; 1 is often fastest for small "
                                       "models on a busy machine)")
+    # distributed (torchrun; see mefn_fast.distributed)
+    gather_negatives: bool = _f(True, "under torchrun: all-gather every rank's embeddings so that the negatives come "
+                                      "from the global batch of batch_size x world_size pairs (--no-gather-negatives: "
+                                      "from the rank's own batch)")
+    dist_backend: str = _f("auto", "under torchrun: the process group's backend (auto: nccl on CUDA, gloo on the CPU)",
+                           choices=("auto", "gloo", "nccl"))
     resume: Optional[str] = _f(None, "continue from a checkpoint (last.pt or its run folder); the model comes from it")
     # evaluation
     eval_batch_size: int = _f(128, "images per batch when embedding the dev split")
@@ -153,6 +160,22 @@ class EpochBatchSampler(Sampler):
         perm = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, self.n // self.batch_size):
             yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class RankBatchSampler(Sampler):
+    """Rank ``rank``'s slice of each global batch of ``sampler`` (contiguous, in rank order), so that
+    the ranks together see exactly the batches of one process with the global batch size."""
+
+    def __init__(self, sampler: Sampler, rank: int, world_size: int):
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            b = len(batch) // self.world_size
+            yield batch[self.rank * b:(self.rank + 1) * b]
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -236,7 +259,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    from . import distributed as dist_
+
+    ctx = dist_.setup(cfg.device, cfg.dist_backend) if dist_.env_world_size() > 1 else dist_.context()
+    world, rank = ctx.world_size, ctx.rank
+    device = ctx.device if ctx.enabled else resolve_device(cfg.device)
+    if not ctx.is_main:
+        log = lambda *_, **__: None  # noqa: E731 - rank 0 reports
     ckpt = None
     if cfg.resume:
         path = os.path.join(cfg.resume, "last.pt") if os.path.isdir(cfg.resume) else cfg.resume
@@ -261,12 +290,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
         train_set = _open_data(cfg, cfg.train_split, model, train=True)
     dev_set = _open_data(cfg, cfg.dev_split, model) if cfg.dev_split and cfg.dev_split != "none" else None
     model.to(device)
+    if rank > 0:  # other dropout masks than rank 0's, which keeps the one-process stream
+        torch.manual_seed(cfg.seed + 7919 * rank)
 
     os.makedirs(cfg.out, exist_ok=True)
-    tokenizer.save_pretrained(os.path.join(cfg.out, TOKENIZER_DIR))
-    steps_per_epoch = len(train_set) // cfg.batch_size
+    if ctx.is_main:
+        tokenizer.save_pretrained(os.path.join(cfg.out, TOKENIZER_DIR))
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"the train split has {len(train_set)} captions, fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"the train split has {len(train_set)} captions, fewer than one batch of {global_batch}")
 
     text_params = [p for p in model.text_encoder.parameters()]
     text_ids = {id(p) for p in text_params}
@@ -280,6 +313,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = TripletLoss(margin=cfg.margin, max_violation=cfg.max_violation)
+    ddp_step = None
+    if ctx.enabled:
+        ddp_step = dist_.wrap_ddp(dist_.DistributedTrainStep(model, cfg.margin, cfg.max_violation,
+                                                             cfg.gather_negatives), device)
     collate = PairCollate(tokenizer, cfg.max_length)
 
     step, best_rsum, history, partial = 0, -math.inf, [], None
@@ -292,20 +329,27 @@ def train(cfg: TrainConfig, log=print) -> dict:
         partial = ckpt.get("partial_epoch")
         if history and not history[-1]["complete"]:
             history.pop()  # the interrupted epoch's entry is written again when it completes
-        _set_rng_state(ckpt["rng"])
+        rng_ranks = ckpt.get("rng_ranks")
+        _set_rng_state(rng_ranks[rank] if rng_ranks and len(rng_ranks) == world else ckpt["rng"])
         log(f"resumed from {path} at step {step} (epoch {step // steps_per_epoch + 1})")
 
     def save_last(epoch_done: int, partial=None) -> None:
+        rng_ranks = dist_.all_gather_object(_rng_state()) if ctx.enabled else None
+        if not ctx.is_main:
+            return
         _atomic_save({"format": CHECKPOINT_FORMAT, "model_config": model.config, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": _rng_state(),
                       "step": step, "epoch": epoch_done, "best_rsum": best_rsum, "history": history,
-                      "partial_epoch": partial, "train_config": dataclasses.asdict(cfg)},
+                      "partial_epoch": partial, "train_config": dataclasses.asdict(cfg),
+                      "world_size": world, "rng_ranks": rng_ranks},
                      os.path.join(cfg.out, "last.pt"))
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"training MEFN ({n_params / 1e6:.2f}M parameters) on {device}: {len(train_set)} pairs, "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, backend={cfg.backend}, "
+        + (f"{world} processes x {cfg.batch_size} pairs ({ctx.device}, negatives from the "
+           f"{'global' if cfg.gather_negatives else 'per-rank'} batch), " if ctx.enabled else "") +
         f"amp={dtype if dtype else 'off'}, out={cfg.out}")
     t_start = time.perf_counter()
     start_epoch = step // steps_per_epoch
@@ -313,7 +357,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         first = step - epoch * steps_per_epoch
-        sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, epoch, first)
+        sampler = EpochBatchSampler(len(train_set), global_batch, cfg.seed, epoch, first)
+        if ctx.enabled:
+            sampler = RankBatchSampler(sampler, rank, world)
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                             generator=torch.Generator(), pin_memory=device.type == "cuda")
         hardest = None if epoch >= cfg.warmup_epochs else False
@@ -321,18 +367,27 @@ def train(cfg: TrainConfig, log=print) -> dict:
         losses, pairs, t_epoch = [], 0, time.perf_counter()
         if partial is not None and first > 0:  # losses of the steps before the interruption
             losses = list(partial["losses"])
-        bar = _tqdm(cfg.progress, total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = _tqdm(cfg.progress and ctx.is_main, total=steps_per_epoch, initial=first,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
                     unit="step")
         for batch in loader:
             t0 = time.perf_counter()
             batch = batch.to(device)
-            with autocast(device, cfg.amp):
-                img = model.encode_images(batch.images, batch.region_lengths)
-                txt = model.encode_texts(batch.input_ids, batch.attention_mask, batch.special_tokens_mask)
-                scores = model.similarity(img, txt)
-            loss = loss_fn(scores.float(), batch.image_ids, max_violation=hardest)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if ddp_step is None:
+                with autocast(device, cfg.amp):
+                    img = model.encode_images(batch.images, batch.region_lengths)
+                    txt = model.encode_texts(batch.input_ids, batch.attention_mask, batch.special_tokens_mask)
+                    scores = model.similarity(img, txt)
+                loss = loss_fn(scores.float(), batch.image_ids, max_violation=hardest)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            else:  # this rank's share of the global loss; DDP averages, so x world = the global gradient
+                with autocast(device, cfg.amp):
+                    loss = ddp_step(batch.images, batch.region_lengths, batch.input_ids, batch.attention_mask,
+                                    batch.special_tokens_mask, batch.image_ids, hardest)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss * world).backward()
+                loss = torch.tensor(dist_.all_reduce_sum(float(loss.detach()), device))
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -341,9 +396,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             scheduler.step()
             step += 1
             losses.append(float(loss.detach()))
-            pairs += len(batch)
+            pairs += len(batch) * world
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{len(batch) / (time.perf_counter() - t0):.0f}",
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{len(batch) * world / (time.perf_counter() - t0):.0f}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
@@ -361,6 +416,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             is_best = m["rsum"] > best_rsum
             if is_best:
                 best_rsum = m["rsum"]
+            if is_best and ctx.is_main:
                 best_dir = os.path.join(cfg.out, "best")
                 model.save(best_dir)
                 tokenizer.save_pretrained(os.path.join(best_dir, TOKENIZER_DIR))
@@ -373,11 +429,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"epoch {epoch + 1}: loss {entry['loss']:.3f} at step {step}")
         history.append(entry)
         save_last(epoch + 1 if epoch_done else epoch, None if epoch_done else {"losses": losses})
-        with open(os.path.join(cfg.out, "history.json"), "w") as f:
-            json.dump(history, f, indent=1)
-    if dev_set is None and step > 0:  # nothing selected a best model: the last one is it
+        if ctx.is_main:
+            with open(os.path.join(cfg.out, "history.json"), "w") as f:
+                json.dump(history, f, indent=1)
+    if dev_set is None and step > 0 and ctx.is_main:  # nothing selected a best model: the last one is it
         model.save(os.path.join(cfg.out, "best"))
         tokenizer.save_pretrained(os.path.join(cfg.out, "best", TOKENIZER_DIR))
+    if ctx.initialized_here:
+        dist_.cleanup(ctx)
     seconds = time.perf_counter() - t_start
     best = f"best dev rsum {best_rsum:.1f}" if best_rsum > -math.inf else "no complete epoch evaluated"
     log(f"done: {step} steps in {seconds:.1f} s; {best}; checkpoints in {cfg.out}")
