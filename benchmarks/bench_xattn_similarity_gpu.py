@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import mefn_fast
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from mefn_fast import bench
+from mefn_fast.bench import DTYPES
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,9 @@ FIELDS = ["workload", "dtype", "pass", "direction", "backend", "b_img", "b_txt",
 
 
 def make_inputs(w: Workload, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[w.dtype]
-    regions = torch.randn(w.b_img, w.n, w.d, generator=g).to(device, dtype)
-    words = torch.randn(w.b_txt, w.m, w.d, generator=g).to(device, dtype)
-    rl = torch.full((w.b_img,), w.n, dtype=torch.int64, device=device)
-    wl = torch.randint(min(8, w.m), w.m + 1, (w.b_txt,), generator=g).to(device)
-    return regions.requires_grad_(w.backward), rl, words.requires_grad_(w.backward), wl
+    """The runner's seeded inputs (:func:`mefn_fast.bench.make_inputs`) for this workload's dtype."""
+    spec = bench.Workload(w.name, w.b_img, w.b_txt, w.n, w.m, w.d, w.backward, (w.dtype,), device, w.direction)
+    return bench.make_inputs(spec, device, DTYPES[w.dtype], seed, requires_grad=w.backward)
 
 
 def make_step(w: Workload, backend: str, inputs):
@@ -107,20 +103,8 @@ def make_step(w: Workload, backend: str, inputs):
 
 
 def timer(device: str):
-    if device == "cuda":
-        def run(step):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def run(step):
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
-    return run
+    """One timed call of a step: CUDA events on a GPU, perf_counter on the CPU (the runner's)."""
+    return lambda step: bench._time_once(step, device)
 
 
 def peak_extra(step, device: str):
@@ -299,7 +283,7 @@ def markdown(rows: list, env: dict, skipped: list) -> str:
         return next((r for r in rows if r["workload"] == wl and r["dtype"] == dt and r["backend"] == b), None)
 
     for b in ("triton", "cuda"):
-        e, ref = get("eval-f30k-gpu", "fp16", b), get("eval-f30k-gpu", "fp16", "reference")
+        e = get("eval-f30k-gpu", "fp16", b)
         if e:
             ok = (e["vs_reference"] or 0) >= 20 and e["vs_floor"] <= 2
             lines.append(f"- {b} eval-f30k-gpu fp16 forward: {_fmt(e['vs_reference'], '.1f')}x faster than the reference "

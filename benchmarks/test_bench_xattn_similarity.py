@@ -39,7 +39,7 @@ def _device(w) -> str:
     return w.device
 
 
-@pytest.mark.parametrize("workload,dtype_name,backward,backend", _cases())
+@pytest.mark.parametrize("workload,dtype_name,backward,backend", list(_cases()))
 def test_bench(benchmark, workload, dtype_name, backward, backend):
     device = _device(workload)
     if device == "cuda" and not torch.cuda.is_available():

@@ -37,6 +37,9 @@
 
 namespace mefn {
 
+// Which scores a call computes: text-to-image, image-to-text, or their mean (SPEC 2.8).
+enum Direction { kT2I = 0, kI2T = 1, kBoth = 2 };
+
 // Constants of SPEC section 2 (identical to mefn_fast/reference.py).
 constexpr double kNormEps = 1e-12;             // F.normalize's eps (2.1)
 constexpr double kClipEps = 1e-8;              // clipped_l2norm's eps (2.3)

@@ -245,6 +245,16 @@ def split_metrics(scores: torch.Tensor, dataset: CaptionDataset, folds: int = 0)
     return out
 
 
+def embed_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_size: int, max_length: Optional[int],
+                amp: str, workers: int, progress: bool, distributed: Optional[bool]):
+    """The image and caption embeddings of a split (captions in batches twice as large)."""
+    img = encode_images(model, dataset, batch_size=batch_size, amp=amp, workers=workers, progress=progress,
+                        distributed=distributed)
+    txt = encode_captions(model, dataset.captions, tokenizer, batch_size=2 * batch_size, max_length=max_length,
+                          amp=amp, progress=progress, distributed=distributed)
+    return img, txt
+
+
 def evaluate_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_size: int = 128,
                    image_chunk: int = 128, caption_chunk: int = 640, max_length: Optional[int] = 64,
                    folds: int = 0, amp: str = "auto", workers: int = 0, progress: bool = False,
@@ -257,10 +267,8 @@ def evaluate_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_siz
     model.eval()
     t0 = time.perf_counter()
     try:
-        img = encode_images(model, dataset, batch_size=batch_size, amp=amp, workers=workers, progress=progress,
-                            distributed=distributed)
-        txt = encode_captions(model, dataset.captions, tokenizer, batch_size=2 * batch_size, max_length=max_length,
-                              amp=amp, progress=progress, distributed=distributed)
+        img, txt = embed_split(model, dataset, tokenizer, batch_size=batch_size, max_length=max_length, amp=amp,
+                               workers=workers, progress=progress, distributed=distributed)
         t1 = time.perf_counter()
         scores = score_matrix(model, img, txt, image_chunk=image_chunk, caption_chunk=caption_chunk, amp=amp,
                               progress=progress, distributed=distributed)
@@ -346,10 +354,8 @@ def topk_split(model: MEFN, dataset: CaptionDataset, tokenizer, k: int = 10, *, 
     model.eval()
     t0 = time.perf_counter()
     try:
-        img = encode_images(model, dataset, batch_size=batch_size, amp=amp, workers=workers, progress=progress,
-                            distributed=distributed)
-        txt = encode_captions(model, dataset.captions, tokenizer, batch_size=2 * batch_size, max_length=max_length,
-                              amp=amp, progress=progress, distributed=distributed)
+        img, txt = embed_split(model, dataset, tokenizer, batch_size=batch_size, max_length=max_length, amp=amp,
+                               workers=workers, progress=progress, distributed=distributed)
         t1 = time.perf_counter()
         top = topk_scores(model, img, txt, k, image_chunk=image_chunk, caption_chunk=caption_chunk, amp=amp,
                           progress=progress, distributed=distributed)

@@ -1,8 +1,6 @@
 """Retrieval metrics of SPEC section 4, with ties counted against the model."""
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 

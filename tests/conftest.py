@@ -42,6 +42,40 @@ def make_inputs(b_img=3, b_txt=4, n=7, m=5, d=11, dtype=torch.float64, seed=0, r
     return regions, rl.to(device), words, wl.to(device)
 
 
+def ref_scores(regions, rl, words, wl, **opts):
+    """The reference backend's scores with SPEC-section-2 options given as keywords."""
+    from mefn_fast.options import make_options
+    from mefn_fast.reference import xattn_similarity_reference
+
+    return xattn_similarity_reference(regions, rl, words, wl, make_options(**opts))
+
+
+def scores_with_grads(fn, regions, rl, words, wl, weight, opts, grad=True):
+    """fn's scores on fresh leaf copies of the features and, with grad, the gradients of
+    sum(scores * weight) to regions and words (None, None without)."""
+    r = regions.detach().clone().requires_grad_(grad)
+    w = words.detach().clone().requires_grad_(grad)
+    s = fn(r, rl, w, wl, **opts)
+    if not grad:
+        return s.detach(), None, None
+    dr, dw = torch.autograd.grad((s * weight.to(device=s.device, dtype=s.dtype)).sum(), (r, w))
+    return s.detach(), dr, dw
+
+
+def max_abs_err(a, b) -> float:
+    """max |a - b| in float64 on the CPU (0 for empty tensors)."""
+    return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster than on two on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels under TRITON_INTERPRET=1 (slow)")

@@ -5,18 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from mefn_fast.ablation import VARIANTS, variant_key
 from mefn_fast.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ablation_command_tiny_budget(tmp_path, capsys):

@@ -21,12 +21,7 @@ from mefn_fast.train import RankBatchSampler, EpochBatchSampler, TrainConfig, tr
 TINY = dict(embed_dim=16, text_hidden=16, text_layers=1, text_dropout=0.0, threads=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from mefn_fast.evaluate import (encode_captions, encode_images, evaluate_split, 
 from mefn_fast.train import TrainConfig, build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

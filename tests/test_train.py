@@ -14,13 +14,7 @@ from mefn_fast.data import PrecompDataset, SynthConfig, write_synth
 from mefn_fast.evaluate import evaluate_split, load_trained
 from mefn_fast.train import EpochBatchSampler, TrainConfig, lr_factor, train
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and far faster than on two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(embed_dim=64, text_hidden=64, text_layers=1, lr=2e-3, warmup_epochs=1, progress=False)

@@ -22,10 +22,9 @@ import pytest
 import torch
 
 import mefn_fast
-from conftest import OPTION_GRID, make_inputs, option_id
+from conftest import OPTION_GRID, make_inputs, max_abs_err, option_id, ref_scores, scores_with_grads
 from mefn_fast.info import build_info
 from mefn_fast.options import make_options
-from mefn_fast.reference import xattn_similarity_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = build_info()
@@ -171,11 +170,11 @@ def check_emulated(exe, tmp_path, shape, opts, seed=0, **kw):
     regions, rl, words, wl = make_inputs(*shape, dtype=torch.float64, seed=seed)
     weight = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     got = emulate(exe, tmp_path, regions, rl, words, wl, weight, opts, **kw)
-    want = _run(ref_scores, regions, rl, words, wl, weight, opts)
-    same = _run(ref_scores, regions.float(), rl, words.float(), wl, weight, opts)
+    want = scores_with_grads(ref_scores, regions, rl, words, wl, weight, opts)
+    same = scores_with_grads(ref_scores, regions.float(), rl, words.float(), wl, weight, opts)
     for name, g, s, w in zip(("scores", "d_regions", "d_words"), got[:3], same, want):
         assert torch.isfinite(g).all(), (name, got[3])
-        err, base = _err(g, w), _err(s, w)
+        err, base = max_abs_err(g, w), max_abs_err(s, w)
         floor = 16.0 * EPS[torch.float32] * max(float(w.abs().max()), 1e-3)
         assert err <= 4.0 * base + floor, f"{name}: emulated cuda err {err:.3g} vs reference err {base:.3g} ({got[3]})"
     for i, n in enumerate(rl.tolist()):
@@ -221,22 +220,7 @@ def cuda_scores(regions, rl, words, wl, **opts):
     return mefn_fast.xattn_similarity(regions, rl, words, wl, backend="cuda", **opts)
 
 
-def ref_scores(regions, rl, words, wl, **opts):
-    return xattn_similarity_reference(regions, rl, words, wl, make_options(**opts))
 
-
-def _run(fn, regions, rl, words, wl, weight, opts, grad=True):
-    r = regions.detach().clone().requires_grad_(grad)
-    w = words.detach().clone().requires_grad_(grad)
-    s = fn(r, rl, w, wl, **opts)
-    if not grad:
-        return s.detach(), None, None
-    dr, dw = torch.autograd.grad((s * weight.to(device=s.device, dtype=s.dtype)).sum(), (r, w))
-    return s.detach(), dr, dw
-
-
-def _err(a, b):
-    return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
 
 
 def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, grad=True, factor=4.0, ulps=16.0,
@@ -245,9 +229,9 @@ def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, g
     weight = torch.randn(regions.shape[0], words.shape[0], generator=torch.Generator().manual_seed(seed),
                          dtype=torch.float64)
     r64, w64 = regions.double().cpu(), words.double().cpu()
-    want = _run(ref_scores, r64, rl.cpu(), w64, wl.cpu(), weight, opts, grad)
-    same = _run(ref_scores, r64.to(dtype), rl.cpu(), w64.to(dtype), wl.cpu(), weight, opts, grad)
-    got = _run(cuda_scores, regions.to(device="cuda", dtype=dtype), rl.cuda(), words.to(device="cuda", dtype=dtype),
+    want = scores_with_grads(ref_scores, r64, rl.cpu(), w64, wl.cpu(), weight, opts, grad)
+    same = scores_with_grads(ref_scores, r64.to(dtype), rl.cpu(), w64.to(dtype), wl.cpu(), weight, opts, grad)
+    got = scores_with_grads(cuda_scores, regions.to(device="cuda", dtype=dtype), rl.cuda(), words.to(device="cuda", dtype=dtype),
                wl.cuda(), weight, opts, grad)
     assert got[0].dtype == dtype and got[0].shape == want[0].shape and got[0].is_cuda
     out = {}
@@ -256,7 +240,7 @@ def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, g
             continue
         assert g.dtype == dtype and g.shape == w.shape and g.is_cuda, name
         assert torch.isfinite(g).all(), name
-        err, base = _err(g, w), _err(s, w)
+        err, base = max_abs_err(g, w), max_abs_err(s, w)
         floor = ulps * EPS[dtype] * max(float(w.abs().max()), 1e-3)
         assert err <= factor * base + floor, f"{name}: cuda err {err:.3g} vs reference err {base:.3g} (floor {floor:.3g})"
         out[name] = (err, base)
@@ -308,8 +292,8 @@ def test_padding_is_inert_and_gets_zero_gradient(direction):
     for t, m in enumerate(wl.tolist()):
         w2[t, m:] = float("inf") if t % 2 else -7.0
     weight = torch.randn(3, 4, device="cuda")
-    s1, dr1, dw1 = _run(cuda_scores, regions, rl, words, wl, weight, dict(direction=direction))
-    s2, dr2, dw2 = _run(cuda_scores, r2, rl, w2, wl, weight, dict(direction=direction))
+    s1, dr1, dw1 = scores_with_grads(cuda_scores, regions, rl, words, wl, weight, dict(direction=direction))
+    s2, dr2, dw2 = scores_with_grads(cuda_scores, r2, rl, w2, wl, weight, dict(direction=direction))
     assert torch.equal(s1, s2) and torch.equal(dr1, dr2) and torch.equal(dw1, dw2)
     for i, n in enumerate(rl.tolist()):
         assert (dr2[i, n:] == 0).all()
@@ -326,8 +310,8 @@ def test_non_contiguous_and_stride0_gradient():
     w_nc = torch.stack([words, -words], dim=-1)[..., 0]
     assert not r_nc.is_contiguous() and not w_nc.is_contiguous()
     ones = torch.ones(3, 4, device="cuda")
-    a = _run(cuda_scores, regions, rl, words, wl, ones, opts)
-    b = _run(cuda_scores, r_nc, rl, w_nc, wl, ones, opts)
+    a = scores_with_grads(cuda_scores, regions, rl, words, wl, ones, opts)
+    b = scores_with_grads(cuda_scores, r_nc, rl, w_nc, wl, ones, opts)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     r = regions.clone().requires_grad_(True)
@@ -342,7 +326,7 @@ def test_non_contiguous_and_stride0_gradient():
 def test_only_one_input_requires_grad(which):
     regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, seed=8, device="cuda")
     opts = dict(direction="both")
-    _, dr, dw = _run(cuda_scores, regions, rl, words, wl, torch.ones(2, 3, device="cuda"), opts)
+    _, dr, dw = scores_with_grads(cuda_scores, regions, rl, words, wl, torch.ones(2, 3, device="cuda"), opts)
     r = regions.clone().requires_grad_(which == "regions")
     w = words.clone().requires_grad_(which == "words")
     cuda_scores(r, rl, w, wl, **opts).sum().backward()
@@ -359,8 +343,8 @@ def test_run_to_run_determinism(dtype):
     regions, rl, words, wl = make_inputs(40, 70, 36, 32, 128, dtype=dtype, seed=9, device="cuda")
     weight = torch.randn(40, 70, device="cuda")
     for opts in (dict(direction="both"), dict(direction="t2i", agg="lse", mfe=False)):
-        a = _run(cuda_scores, regions, rl, words, wl, weight, opts)
-        b = _run(cuda_scores, regions, rl, words, wl, weight, opts)
+        a = scores_with_grads(cuda_scores, regions, rl, words, wl, weight, opts)
+        b = scores_with_grads(cuda_scores, regions, rl, words, wl, weight, opts)
         for x, y in zip(a, b):
             assert torch.equal(x, y)
 

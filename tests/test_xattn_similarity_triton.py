@@ -27,10 +27,9 @@ if not ON_GPU:
 triton = pytest.importorskip("triton")
 
 import mefn_fast  # noqa: E402
-from conftest import OPTION_GRID, make_inputs, option_id  # noqa: E402
+from conftest import OPTION_GRID, make_inputs, max_abs_err, option_id, ref_scores, scores_with_grads  # noqa: E402
 from mefn_fast import triton_backend as tb  # noqa: E402
 from mefn_fast.options import make_options  # noqa: E402
-from mefn_fast.reference import xattn_similarity_reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 _km = sys.modules.get("mefn_fast.kernels.xattn_similarity")
@@ -47,22 +46,7 @@ def triton_scores(regions, rl, words, wl, **opts):
     return tb.xattn_similarity_triton(regions, rl, words, wl, make_options(**opts))
 
 
-def ref_scores(regions, rl, words, wl, **opts):
-    return xattn_similarity_reference(regions, rl, words, wl, make_options(**opts))
 
-
-def _run(fn, regions, rl, words, wl, weight, opts, grad=True):
-    r = regions.detach().clone().requires_grad_(grad)
-    w = words.detach().clone().requires_grad_(grad)
-    s = fn(r, rl, w, wl, **opts)
-    if not grad:
-        return s.detach(), None, None
-    dr, dw = torch.autograd.grad((s * weight.to(s.dtype)).sum(), (r, w))
-    return s.detach(), dr, dw
-
-
-def _err(a, b):
-    return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
 
 
 def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, grad=True, factor=4.0,
@@ -74,9 +58,9 @@ def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, g
     weight = torch.randn(regions.shape[0], words.shape[0], generator=torch.Generator().manual_seed(seed),
                          dtype=torch.float64)
     r64, w64 = regions.double().cpu(), words.double().cpu()
-    want = _run(ref_scores, r64, rl.cpu(), w64, wl.cpu(), weight, opts, grad)
-    same = _run(ref_scores, r64.to(dtype), rl.cpu(), w64.to(dtype), wl.cpu(), weight, opts, grad)
-    got = _run(triton_scores, regions.to(device=DEVICE, dtype=dtype), rl.to(DEVICE),
+    want = scores_with_grads(ref_scores, r64, rl.cpu(), w64, wl.cpu(), weight, opts, grad)
+    same = scores_with_grads(ref_scores, r64.to(dtype), rl.cpu(), w64.to(dtype), wl.cpu(), weight, opts, grad)
+    got = scores_with_grads(triton_scores, regions.to(device=DEVICE, dtype=dtype), rl.to(DEVICE),
                words.to(device=DEVICE, dtype=dtype), wl.to(DEVICE), weight.to(DEVICE), opts, grad)
     assert got[0].dtype == dtype and got[0].shape == want[0].shape
     out = {}
@@ -85,7 +69,7 @@ def check_against_reference(regions, rl, words, wl, opts, dtype=torch.float32, g
             continue
         assert g.dtype == dtype and g.shape == w.shape, name
         assert torch.isfinite(g).all(), name
-        err, base = _err(g, w), _err(s, w)
+        err, base = max_abs_err(g, w), max_abs_err(s, w)
         floor = ulps * EPS[dtype] * max(float(w.abs().max()), 1e-3)
         assert err <= factor * base + floor, f"{name}: triton err {err:.3g} vs reference err {base:.3g} (floor {floor:.3g})"
         out[name] = (err, base)
@@ -149,8 +133,8 @@ def test_padding_is_inert_and_gets_zero_gradient(direction):
     for t, m in enumerate(wl.tolist()):
         w2[t, m:] = float("inf") if t % 2 else -7.0
     weight = torch.randn(3, 4, device=DEVICE)
-    s1, dr1, dw1 = _run(triton_scores, regions, rl, words, wl, weight, dict(direction=direction))
-    s2, dr2, dw2 = _run(triton_scores, r2, rl, w2, wl, weight, dict(direction=direction))
+    s1, dr1, dw1 = scores_with_grads(triton_scores, regions, rl, words, wl, weight, dict(direction=direction))
+    s2, dr2, dw2 = scores_with_grads(triton_scores, r2, rl, w2, wl, weight, dict(direction=direction))
     assert torch.equal(s1, s2) and torch.equal(dr1, dr2) and torch.equal(dw1, dw2)
     for i, n in enumerate(rl.tolist()):
         assert (dr2[i, n:] == 0).all()
@@ -168,8 +152,8 @@ def test_non_contiguous_inputs():
     assert not r_nc.is_contiguous() and not w_nc.is_contiguous() and not rl_nc.is_contiguous()
     assert torch.equal(r_nc, regions) and torch.equal(w_nc, words)
     weight = torch.randn(3, 4, device=DEVICE)
-    a = _run(triton_scores, regions, rl, words, wl, weight, opts)
-    b = _run(triton_scores, r_nc, rl_nc, w_nc, wl, weight, opts)
+    a = scores_with_grads(triton_scores, regions, rl, words, wl, weight, opts)
+    b = scores_with_grads(triton_scores, r_nc, rl_nc, w_nc, wl, weight, opts)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     # the kernels themselves take any strides (the op makes inputs contiguous only for speed)
@@ -188,13 +172,13 @@ def test_stride0_upstream_gradient():
     r = regions.clone().requires_grad_(True)
     w = words.clone().requires_grad_(True)
     triton_scores(r, rl, w, wl, **opts).sum().backward()  # grad is an expanded scalar, stride (0, 0)
-    s, dr, dw = _run(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
+    s, dr, dw = scores_with_grads(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
     assert torch.equal(r.grad, dr) and torch.equal(w.grad, dw)
     r64 = regions.double().cpu().requires_grad_(True)
     w64 = words.double().cpu().requires_grad_(True)
     ref_scores(r64, rl.cpu(), w64, wl.cpu(), **opts).sum().backward()
-    assert _err(r.grad, r64.grad) <= 1e-5 * float(r64.grad.abs().max())
-    assert _err(w.grad, w64.grad) <= 1e-5 * float(w64.grad.abs().max())
+    assert max_abs_err(r.grad, r64.grad) <= 1e-5 * float(r64.grad.abs().max())
+    assert max_abs_err(w.grad, w64.grad) <= 1e-5 * float(w64.grad.abs().max())
 
 
 @pytest.mark.interpreter
@@ -202,7 +186,7 @@ def test_stride0_upstream_gradient():
 def test_only_one_input_requires_grad(which):
     regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float32, seed=8, device=DEVICE)
     opts = dict(direction="both")
-    _, dr, dw = _run(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
+    _, dr, dw = scores_with_grads(triton_scores, regions, rl, words, wl, torch.ones(2, 3, device=DEVICE), opts)
     r = regions.clone().requires_grad_(which == "regions")
     w = words.clone().requires_grad_(which == "words")
     triton_scores(r, rl, w, wl, **opts).sum().backward()
@@ -240,8 +224,8 @@ def test_opcheck(opts):
 def test_deterministic_on_interpreter():
     regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, dtype=torch.float32, seed=12, device=DEVICE)
     weight = torch.randn(3, 4, device=DEVICE)
-    a = _run(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
-    b = _run(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
+    a = scores_with_grads(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
+    b = scores_with_grads(triton_scores, regions, rl, words, wl, weight, dict(direction="both"))
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -299,7 +283,7 @@ def test_gpu_half_precision(opts, dtype):
 def test_gpu_run_to_run_determinism(dtype):
     regions, rl, words, wl = make_inputs(16, 48, 36, 32, 512, dtype=dtype, seed=24, device="cuda")
     weight = torch.randn(16, 48, device="cuda")
-    runs = [_run(triton_scores, regions, rl, words, wl, weight, dict(direction="both")) for _ in range(3)]
+    runs = [scores_with_grads(triton_scores, regions, rl, words, wl, weight, dict(direction="both")) for _ in range(3)]
     for other in runs[1:]:
         for x, y in zip(runs[0], other):
             assert torch.equal(x, y)

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <string>
 
+#include "../xattn_options.h"
 #include "xattn_blocks.cuh"
 
 namespace mefn {
@@ -26,20 +27,6 @@ namespace cuda {
 
 // ------------------------------------------------------------------------------------------------
 // Options and input checks (host)
-
-struct Options {
-  Direction direction;
-  double lambda_t2i, lambda_i2t;
-  bool clipped, mfe;
-  double tau;
-  bool agg_lse;
-  double lambda_lse;
-  bool t2i() const { return direction != kI2T; }
-  bool i2t() const { return direction != kT2I; }
-};
-
-Options parse_options(c10::string_view direction, double lambda_t2i, double lambda_i2t, c10::string_view attn_norm,
-                      bool mfe, double tau, c10::string_view agg, double lambda_lse);
 
 PairParams<float> pair_params(const Options& o, bool t2i);
 

@@ -35,8 +35,6 @@ constexpr int kThreads = 128;             // threads per block
 constexpr int kWarps = kThreads / 32;     // warps per block; one pair per warp at a time
 constexpr int kMaxFrags = 8;              // 16x16 accumulator tiles per warp per pass of tile_product
 
-enum Direction { kT2I = 0, kI2T = 1, kBoth = 2 };
-
 MEFN_HD int round16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); }
 
 // ------------------------------------------------------------------------------------------------

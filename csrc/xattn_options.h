@@ -1,0 +1,59 @@
+// The options of the xattn_similarity ops, parsed and checked once for the CPU and the CUDA
+// kernels (host code only; the per-pair math is in xattn_pair.h).
+//
+// The op schemas (csrc/xattn_similarity.cpp) take the options of SPEC section 2 as strings,
+// floats and a bool, in this order: direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg,
+// lambda_lse. Bad values raise (TORCH_CHECK -> RuntimeError) naming the option, although the
+// Python API (mefn_fast/_validate.py) has already rejected them with a ValueError.
+#ifndef MEFN_XATTN_OPTIONS_H_
+#define MEFN_XATTN_OPTIONS_H_
+
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <string>
+
+#include "xattn_pair.h"
+
+namespace mefn {
+
+struct Options {
+  Direction direction;
+  double lambda_t2i, lambda_i2t;
+  bool clipped, mfe;
+  double tau;
+  bool agg_lse;
+  double lambda_lse;
+  bool t2i() const { return direction != kI2T; }
+  bool i2t() const { return direction != kT2I; }
+};
+
+inline Options parse_options(c10::string_view direction, double lambda_t2i, double lambda_i2t,
+                             c10::string_view attn_norm, bool mfe, double tau, c10::string_view agg,
+                             double lambda_lse) {
+  Options o;
+  if (direction == "t2i") o.direction = kT2I;
+  else if (direction == "i2t") o.direction = kI2T;
+  else if (direction == "both") o.direction = kBoth;
+  else TORCH_CHECK(false, "xattn_similarity: direction must be 't2i', 'i2t' or 'both'; got '", std::string(direction), "'");
+  TORCH_CHECK(attn_norm == "clipped_l2norm" || attn_norm == "none",
+              "xattn_similarity: attn_norm must be 'clipped_l2norm' or 'none'; got '", std::string(attn_norm), "'");
+  TORCH_CHECK(agg == "mean" || agg == "lse", "xattn_similarity: agg must be 'mean' or 'lse'; got '", std::string(agg), "'");
+  TORCH_CHECK(std::isfinite(lambda_t2i) && lambda_t2i >= 0, "xattn_similarity: lambda_t2i must be finite and >= 0; got ", lambda_t2i);
+  TORCH_CHECK(std::isfinite(lambda_i2t) && lambda_i2t >= 0, "xattn_similarity: lambda_i2t must be finite and >= 0; got ", lambda_i2t);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "xattn_similarity: tau must be finite and > 0; got ", tau);
+  TORCH_CHECK(std::isfinite(lambda_lse) && lambda_lse > 0, "xattn_similarity: lambda_lse must be finite and > 0; got ", lambda_lse);
+  o.lambda_t2i = lambda_t2i;
+  o.lambda_i2t = lambda_i2t;
+  o.clipped = attn_norm == "clipped_l2norm";
+  o.mfe = mfe;
+  o.tau = tau;
+  o.agg_lse = agg == "lse";
+  o.lambda_lse = lambda_lse;
+  return o;
+}
+
+}  // namespace mefn
+
+#endif  // MEFN_XATTN_OPTIONS_H_
