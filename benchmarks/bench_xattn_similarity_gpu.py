@@ -72,21 +72,19 @@ FIELDS = ["workload", "dtype", "pass", "direction", "backend", "b_img", "b_txt",
           "max_abs_err_vs_reference", "note", "device", "torch", "triton"]
 
 
+def as_bench(w: Workload, device: str) -> bench.Workload:
+    return bench.Workload(w.name, w.b_img, w.b_txt, w.n, w.m, w.d, w.backward, (w.dtype,), device, w.direction)
+
+
 def make_inputs(w: Workload, device: str, seed: int = 0):
     """The runner's seeded inputs (:func:`mefn_fast.bench.make_inputs`) for this workload's dtype."""
-    spec = bench.Workload(w.name, w.b_img, w.b_txt, w.n, w.m, w.d, w.backward, (w.dtype,), device, w.direction)
-    return bench.make_inputs(spec, device, DTYPES[w.dtype], seed, requires_grad=w.backward)
+    return bench.make_inputs(as_bench(w, device), device, DTYPES[w.dtype], seed, requires_grad=w.backward)
 
 
 def make_step(w: Workload, backend: str, inputs):
     regions, rl, words, wl = inputs
-    if backend == "floor":
-        a = regions.detach().reshape(-1, w.d).requires_grad_(w.backward)
-        b = words.detach().reshape(-1, w.d).requires_grad_(w.backward)
-        if not w.backward:
-            return lambda: torch.matmul(a, b.t())
-        return lambda: torch.autograd.grad(torch.matmul(a, b.t()), (a, b), torch.ones((), device=a.device,
-                                                                                      dtype=a.dtype).expand(a.shape[0], b.shape[0]))
+    if backend == "floor":  # the runner's floor (column chunks when the product would not fit)
+        return bench.make_step(as_bench(w, regions.device.type), "floor", inputs)
     if backend == "triton" and regions.device.type == "cpu":  # --dry-run under the interpreter
         from mefn_fast import triton_backend as tb
         opts = mefn_fast.make_options(direction=w.direction)

@@ -50,7 +50,7 @@ def test_outputs_and_plots(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     data = json.load(open(json_path))
     assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 2
-    assert "| tiny | fp32 | fwd | reference |" in open(md_path).read()
+    assert "| tiny | 3 x 7, 5, 4, 16 | fp32 | fwd | reference |" in open(md_path).read()
     png = bench.plot_rows(rows, str(tmp_path / "b.png"))
     assert png and (tmp_path / "b.png").stat().st_size > 1000
 
@@ -65,3 +65,30 @@ def test_scaling_study(tmp_path):
 def test_cli_rejects_unknown_workload():
     with pytest.raises(SystemExit):
         bench.main(["--workloads", "no-such-workload"])
+
+
+def test_large_floor_runs_in_column_chunks(monkeypatch):
+    """A product too large to hold is the same FLOPs in column chunks into one buffer."""
+    r, rl, t, tl = bench.make_inputs(TINY, "cpu", torch.float32)
+    a, b = r.reshape(-1, TINY.d), t.reshape(-1, TINY.d)  # 15 x 16 and 28 x 16
+    monkeypatch.setattr(bench, "FLOOR_MAX_ELEMENTS", a.shape[0] * 8)  # 8 columns per chunk: 8+8+8+4
+    calls = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda x, y, **kw: calls.append(y.shape[1]) or real(x, y, **kw))
+    out = bench.make_step(TINY, "floor", (r, rl, t, tl))()
+    assert calls == [8, 8, 8, 4]
+    torch.testing.assert_close(out[:a.shape[0] * 4].view(a.shape[0], 4), real(a, b[24:].t()))
+
+
+def test_reference_on_a_slice_when_too_large(monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setattr(bench, "REFERENCE_MAX_PAIRS", 6)  # 3 images: 2 of the 7 captions
+    assert bench.reference_captions(TINY) == 2
+    rows = bench.run_workload(TINY, "cpu", "fp32", ["reference"], repeats=1, memory=False)
+    ref = next(r for r in rows if r["backend"] == "reference")
+    assert ref["note"] == "timed on 2 of 7 captions, time x3.5; memory of that slice"
+    assert "reference *" in bench.format_table(rows) and "\\* tiny fp32 reference: timed on 2" in bench.format_table(rows)
+    monkeypatch.setattr(bench, "REFERENCE_MAX_PAIRS", 10 ** 6)
+    monkeypatch.setattr(bench, "REFERENCE_MAX_BYTES", 16 * TINY.m * (TINY.n + TINY.d) * 4 * 9)  # backward: 9 pairs
+    assert bench.reference_captions(TINY) == 7 and bench.reference_captions(replace(TINY, backward=True)) == 3
