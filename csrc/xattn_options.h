@@ -54,6 +54,19 @@ inline Options parse_options(c10::string_view direction, double lambda_t2i, doub
   return o;
 }
 
+// The per-pair parameters of one direction, in the kernels' compute type T.
+template <typename T>
+PairParams<T> pair_params(const Options& o, bool t2i) {
+  PairParams<T> p;
+  p.lambda = static_cast<T>(t2i ? o.lambda_t2i : o.lambda_i2t);
+  p.clipped = o.clipped;
+  p.mfe = o.mfe;
+  p.tau = static_cast<T>(o.tau);
+  p.agg_lse = o.agg_lse;
+  p.lambda_lse = static_cast<T>(o.lambda_lse);
+  return p;
+}
+
 }  // namespace mefn
 
 #endif  // MEFN_XATTN_OPTIONS_H_

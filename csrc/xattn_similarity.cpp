@@ -93,18 +93,6 @@ PairKernels<T> pair_kernels() {
   return {&pair_forward<T>, &pair_backward<T>};
 }
 
-template <typename T>
-PairParams<T> pair_params(const Options& o, bool t2i) {
-  PairParams<T> p;
-  p.lambda = static_cast<T>(t2i ? o.lambda_t2i : o.lambda_i2t);
-  p.clipped = o.clipped;
-  p.mfe = o.mfe;
-  p.tau = static_cast<T>(o.tau);
-  p.agg_lse = o.agg_lse;
-  p.lambda_lse = static_cast<T>(o.lambda_lse);
-  return p;
-}
-
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, "xattn_similarity: ", name, " must have shape (batch, length, dim); got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "xattn_similarity (CPU kernel): ", name, " must be a CPU tensor; got ", x.device());

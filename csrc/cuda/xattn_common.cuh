@@ -28,8 +28,6 @@ namespace cuda {
 // ------------------------------------------------------------------------------------------------
 // Options and input checks (host)
 
-PairParams<float> pair_params(const Options& o, bool t2i);
-
 struct Checked {
   at::Tensor regions, rl, words, wl;  // contiguous features; int64 lengths on the features' device
 };
@@ -106,8 +104,8 @@ inline Problem<T> make_problem(const Checked& c, const Options& o, const Plan& p
   P.work = nullptr;
   P.work_per_warp = plan.work_per_warp;
   P.direction = o.direction;
-  P.pt = pair_params(o, true);
-  P.pi = pair_params(o, false);
+  P.pt = pair_params<float>(o, true);
+  P.pi = pair_params<float>(o, false);
   return P;
 }
 

@@ -13,17 +13,6 @@ int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
-PairParams<float> pair_params(const Options& o, bool t2i) {
-  PairParams<float> p;
-  p.lambda = static_cast<float>(t2i ? o.lambda_t2i : o.lambda_i2t);
-  p.clipped = o.clipped;
-  p.mfe = o.mfe;
-  p.tau = static_cast<float>(o.tau);
-  p.agg_lse = o.agg_lse;
-  p.lambda_lse = static_cast<float>(o.lambda_lse);
-  return p;
-}
-
 namespace {
 
 void check_features(const at::Tensor& x, const char* name) {
