@@ -125,14 +125,7 @@ def encode_images(model: MEFN, dataset: CaptionDataset, *, batch_size: int = 128
             lengths.append(e.lengths)
             globals_.append(e.global_.float())
             bar.update(images.shape[0])
-    if not regions:  # a rank with no batch
-        e = model.embed_dim
-        regions, lengths, globals_ = [torch.zeros(0, 1, e, device=device)], [torch.zeros(0, dtype=torch.int64,
-                                                                                          device=device)], \
-            [torch.zeros(0, e, device=device)]
-    n = max(r.shape[1] for r in regions)
-    regions = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, n - r.shape[1])) for r in regions])
-    return ImageEmbeddings(*_gather_embeddings((regions, torch.cat(lengths), torch.cat(globals_)), d))
+    return ImageEmbeddings(*_concat_embeddings(regions, lengths, globals_, model.embed_dim, device, d))
 
 
 @torch.no_grad()
@@ -157,14 +150,17 @@ def encode_captions(model: MEFN, captions, tokenizer, *, batch_size: int = 256, 
             lengths.append(e.lengths)
             cls.append(e.cls.float())
             bar.update(hi - lo)
-    if not words:  # a rank with no batch
-        e = model.embed_dim
-        words, lengths, cls = [torch.zeros(0, 1, e, device=device)], [torch.zeros(0, dtype=torch.int64,
-                                                                                  device=device)], \
-            [torch.zeros(0, e, device=device)]
-    m = max(w.shape[1] for w in words)
-    words = torch.cat([torch.nn.functional.pad(w, (0, 0, 0, m - w.shape[1])) for w in words])
-    return TextEmbeddings(*_gather_embeddings((words, torch.cat(lengths), torch.cat(cls)), d))
+    return TextEmbeddings(*_concat_embeddings(words, lengths, cls, model.embed_dim, device, d))
+
+
+def _concat_embeddings(seqs: list, lengths: list, vecs: list, dim: int, device, d) -> tuple:
+    """One rank's batches (sequences padded to the longest), gathered over the ranks when ``d``."""
+    if not seqs:  # a rank with no batch
+        seqs, lengths = [torch.zeros(0, 1, dim, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+        vecs = [torch.zeros(0, dim, device=device)]
+    n = max(x.shape[1] for x in seqs)
+    seqs = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1])) for x in seqs])
+    return _gather_embeddings((seqs, torch.cat(lengths), torch.cat(vecs)), d)
 
 
 def _my_rows(n_img: int, image_chunk: int, d) -> tuple:
