@@ -241,6 +241,17 @@ def split_metrics(scores: torch.Tensor, dataset: CaptionDataset, folds: int = 0)
     return out
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def embed_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_size: int, max_length: Optional[int],
                 amp: str, workers: int, progress: bool, distributed: Optional[bool]):
     """The image and caption embeddings of a split (captions in batches twice as large)."""
@@ -259,10 +270,8 @@ def evaluate_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_siz
 
     ``distributed`` (default: whenever a process group of several ranks exists): spread over the
     ranks, every rank returning the same result, equal to one process's."""
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         img, txt = embed_split(model, dataset, tokenizer, batch_size=batch_size, max_length=max_length, amp=amp,
                                workers=workers, progress=progress, distributed=distributed)
         t1 = time.perf_counter()
@@ -270,8 +279,6 @@ def evaluate_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_siz
                               progress=progress, distributed=distributed)
         t2 = time.perf_counter()
         backend = chosen_backend(model, img, txt)
-    finally:
-        model.train(was_training)
     result = {"n_images": dataset.n_images, "n_captions": len(dataset.captions), "backend": backend,
               "encode_seconds": t1 - t0, "score_seconds": t2 - t1}
     result["metrics"] = split_metrics(scores, dataset, folds)
@@ -346,18 +353,14 @@ def topk_split(model: MEFN, dataset: CaptionDataset, tokenizer, k: int = 10, *, 
     """Embed a split and keep only the top-k of each row and column of its score matrix
     (:func:`topk_scores`); also the share of images (captions) whose top-K holds a match, K <= k
     (R@K with ties broken by the lower index rather than counted against the model)."""
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         img, txt = embed_split(model, dataset, tokenizer, batch_size=batch_size, max_length=max_length, amp=amp,
                                workers=workers, progress=progress, distributed=distributed)
         t1 = time.perf_counter()
         top = topk_scores(model, img, txt, k, image_chunk=image_chunk, caption_chunk=caption_chunk, amp=amp,
                           progress=progress, distributed=distributed)
         t2 = time.perf_counter()
-    finally:
-        model.train(was_training)
     owner = torch.as_tensor(dataset.caption_image, dtype=torch.int64)
     hits = {}
     ci, ic = top.captions_of_image.indices, top.images_of_caption.indices
@@ -401,16 +404,12 @@ def pair_entropy_map(model: MEFN, dataset: CaptionDataset, tokenizer, image: int
     if not 0 <= caption < len(dataset.captions):
         raise ValueError(f"caption {caption} is not in [0, {len(dataset.captions)})")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         images, region_lengths = pad_images([dataset.image(image)])
         img = model.encode_images(images.to(device), None if region_lengths is None else region_lengths.to(device))
         tok = tokenize(tokenizer, [dataset.captions[caption]], max_length)
         txt = model.encode_texts(tok["input_ids"].to(device), tok["attention_mask"].to(device),
                                  tok["special_tokens_mask"].to(device))
-    finally:
-        model.train(was_training)
     o = model.opts
     direction = direction or (o.direction if o.direction in ("t2i", "i2t") else "t2i")
     n, m = int(img.lengths[0]), int(txt.lengths[0])
