@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "xattn_options.h"
+#include "xattn_host.h"
 #include "xattn_pair.h"
 
 // The per-pair math once more for AVX2+FMA, in namespace mefn::avx2::mefn, chosen at run time
@@ -505,10 +505,7 @@ Checked check_inputs(const at::Tensor& regions, const at::Tensor& region_lengths
                      const at::Tensor& word_lengths) {
   check_features(regions, "regions");
   check_features(words, "words");
-  TORCH_CHECK(regions.size(2) == words.size(2), "xattn_similarity: regions and words must share the feature dimension; got ",
-              regions.size(2), " and ", words.size(2));
-  TORCH_CHECK(regions.scalar_type() == words.scalar_type(), "xattn_similarity: regions (", regions.scalar_type(),
-              ") and words (", words.scalar_type(), ") must have the same dtype");
+  check_feature_pair(regions, words);
   Checked c;
   c.regions = regions.contiguous();
   c.words = words.contiguous();
@@ -540,9 +537,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_similarity_bwd_cpu(
     bool need_grad_words) {
   const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
   Checked c = check_inputs(regions, region_lengths, words, word_lengths);
-  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == regions.size(0) && grad_scores.size(1) == words.size(0),
-              "xattn_similarity_bwd: grad_scores must have shape (", regions.size(0), ", ", words.size(0), "); got ",
-              grad_scores.sizes());
+  check_grad_scores_shape(grad_scores, regions, words);
   TORCH_CHECK(grad_scores.device().is_cpu(), "xattn_similarity_bwd (CPU kernel): grad_scores must be a CPU tensor");
   at::Tensor grad = grad_scores.to(regions.scalar_type()).contiguous();
   at::Tensor gr = need_grad_regions ? at::zeros_like(c.regions) : at::empty({0}, regions.options());

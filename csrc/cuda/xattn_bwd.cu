@@ -42,9 +42,7 @@ std::tuple<at::Tensor, at::Tensor> xattn_similarity_bwd_cuda(
     bool need_grad_words) {
   const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
   Checked c = check_inputs(regions, region_lengths, words, word_lengths);
-  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == regions.size(0) && grad_scores.size(1) == words.size(0),
-              "xattn_similarity_bwd: grad_scores must have shape (", regions.size(0), ", ", words.size(0), "); got ",
-              grad_scores.sizes());
+  check_grad_scores_shape(grad_scores, regions, words);
   TORCH_CHECK(grad_scores.device() == regions.device(), "xattn_similarity_bwd (CUDA kernel): grad_scores must be on ",
               regions.device(), "; got ", grad_scores.device());
   TORCH_CHECK(at::isFloatingType(grad_scores.scalar_type()), "xattn_similarity_bwd: grad_scores must be floating point; got ",

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../xattn_options.h"
+#include "../xattn_host.h"
 #include "xattn_blocks.cuh"
 
 namespace mefn {

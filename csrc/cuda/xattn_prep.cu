@@ -45,10 +45,7 @@ Checked check_inputs(const at::Tensor& regions, const at::Tensor& region_lengths
   check_features(words, "words");
   TORCH_CHECK(regions.device() == words.device(), "xattn_similarity: regions (", regions.device(), ") and words (",
               words.device(), ") must be on the same device");
-  TORCH_CHECK(regions.size(2) == words.size(2), "xattn_similarity: regions and words must share the feature dimension; got ",
-              regions.size(2), " and ", words.size(2));
-  TORCH_CHECK(regions.scalar_type() == words.scalar_type(), "xattn_similarity: regions (", regions.scalar_type(),
-              ") and words (", words.scalar_type(), ") must have the same dtype");
+  check_feature_pair(regions, words);
   Checked c;
   c.regions = regions.contiguous();
   c.words = words.contiguous();

@@ -1,13 +1,15 @@
-// The options of the xattn_similarity ops, parsed and checked once for the CPU and the CUDA
-// kernels (host code only; the per-pair math is in xattn_pair.h).
+// Host code shared by the CPU and the CUDA xattn_similarity ops: the options, parsed and checked
+// once, the per-pair parameters of a direction, and the input checks that do not depend on the
+// device (each op adds its own device and dtype checks). The per-pair math is in xattn_pair.h.
 //
 // The op schemas (csrc/xattn_similarity.cpp) take the options of SPEC section 2 as strings,
 // floats and a bool, in this order: direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg,
 // lambda_lse. Bad values raise (TORCH_CHECK -> RuntimeError) naming the option, although the
 // Python API (mefn_fast/_validate.py) has already rejected them with a ValueError.
-#ifndef MEFN_XATTN_OPTIONS_H_
-#define MEFN_XATTN_OPTIONS_H_
+#ifndef MEFN_XATTN_HOST_H_
+#define MEFN_XATTN_HOST_H_
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -67,6 +69,21 @@ PairParams<T> pair_params(const Options& o, bool t2i) {
   return p;
 }
 
+// regions and words share the feature dimension and the dtype.
+inline void check_feature_pair(const at::Tensor& regions, const at::Tensor& words) {
+  TORCH_CHECK(regions.size(2) == words.size(2), "xattn_similarity: regions and words must share the feature dimension; got ",
+              regions.size(2), " and ", words.size(2));
+  TORCH_CHECK(regions.scalar_type() == words.scalar_type(), "xattn_similarity: regions (", regions.scalar_type(),
+              ") and words (", words.scalar_type(), ") must have the same dtype");
+}
+
+// The backward's upstream gradient has the scores' shape (B_img, B_txt).
+inline void check_grad_scores_shape(const at::Tensor& grad_scores, const at::Tensor& regions, const at::Tensor& words) {
+  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == regions.size(0) && grad_scores.size(1) == words.size(0),
+              "xattn_similarity_bwd: grad_scores must have shape (", regions.size(0), ", ", words.size(0), "); got ",
+              grad_scores.sizes());
+}
+
 }  // namespace mefn
 
-#endif  // MEFN_XATTN_OPTIONS_H_
+#endif  // MEFN_XATTN_HOST_H_
