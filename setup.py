@@ -135,7 +135,10 @@ setup(
     description="Fused CPU/Triton/CUDA kernels for MEFN's entropy-aware cross-attention image-text similarity",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["mefn_fast", "mefn_fast.*"]),
+    # The Triton kernels live in the repository's top-level kernels/ folder and install as
+    # mefn_fast.kernels, beside csrc/ (C++/CUDA) and mefn_fast/ (Python).
+    packages=find_packages(include=["mefn_fast", "mefn_fast.*"]) + ["mefn_fast.kernels"],
+    package_dir={"mefn_fast.kernels": "kernels"},
     package_data={"mefn_fast": ["_build_info.json"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],

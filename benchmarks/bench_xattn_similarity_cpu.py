@@ -1,5 +1,5 @@
 """CPU benchmark of the cross-attention similarity: reference vs the fused "cpu" op vs the
-matrix-product floor, on the workloads eval-f30k-cpu and train-cpu of SPEC section 6.
+matrix-product floor, on the workloads eval-f30k-cpu and train-cpu of docs/math.md (section 4).
 
     python benchmarks/bench_xattn_similarity_cpu.py            # full sizes, 5 repeats
     python benchmarks/bench_xattn_similarity_cpu.py --quick    # a quarter of the pairs, 3 repeats

@@ -1,4 +1,4 @@
-"""GPU benchmark of ``xattn_similarity``: the GPU workloads of SPEC section 6, in one run.
+"""GPU benchmark of ``xattn_similarity``: the GPU workloads of docs/math.md (section 4), in one run.
 
     python benchmarks/bench_xattn_similarity_gpu.py --out results/        # on a CUDA GPU
     python benchmarks/bench_xattn_similarity_gpu.py --dry-run --out /tmp/x # CPU smoke test, tiny sizes
@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import mefn_fast
-from mefn_fast import bench
-from mefn_fast.bench import DTYPES
+from mefn_fast.bench import runner as bench
+from mefn_fast.bench.runner import DTYPES
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Workload:
         return 2.0 * self.b_img * self.n * self.b_txt * self.m * self.d * (3 if self.backward else 1)
 
 
-# SPEC section 6, GPU rows, most important first (the targets of issue #4 come first).
+# The GPU rows of the named workloads (docs/math.md), most important first.
 WORKLOADS = [
     Workload("eval-f30k-gpu", 1000, 5000, 36, 32, 1024, "fp16", False),
     Workload("train-gpu", 128, 128, 36, 32, 1024, "bf16", True, direction="both"),
@@ -86,7 +86,7 @@ def make_step(w: Workload, backend: str, inputs):
     if backend == "floor":  # the runner's floor (column chunks when the product would not fit)
         return bench.make_step(as_bench(w, regions.device.type), "floor", inputs)
     if backend == "triton" and regions.device.type == "cpu":  # --dry-run under the interpreter
-        from mefn_fast import triton_backend as tb
+        from mefn_fast.backends import triton as tb
         opts = mefn_fast.make_options(direction=w.direction)
 
         def fwd():
@@ -275,7 +275,7 @@ def markdown(rows: list, env: dict, skipped: list) -> str:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['pass']} | {r['backend']} | {_fmt(r['median_ms'], '.3f')} | "
                      f"{_fmt(r['vs_floor'], '.2f')} | {_fmt(r['vs_reference'], '.1f')} | {_fmt(r['peak_extra_mib'], '.1f')} | "
                      f"{_fmt(r['max_abs_err_vs_reference'], '.2e')} | {r['note']} |")
-    lines += ["", "## Targets of issue #4 (Triton)", ""]
+    lines += ["", "## Targets (Triton)", ""]
 
     def get(wl, dt, b):
         return next((r for r in rows if r["workload"] == wl and r["dtype"] == dt and r["backend"] == b), None)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of mefn_fast for a lent H100/H200 with no network (issue #4, item 5).
+# GPU check of mefn_fast for a lent H100/H200 with no network.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # from the repository root
 #
@@ -11,7 +11,7 @@
 #      back to an in-place build, then to the pure-Python package on PYTHONPATH  -> $OUT/install.log
 #   3. runs every GPU test: pytest -m gpu on tests/test_xattn_similarity_triton.py and, when it
 #      exists, tests/test_xattn_similarity_cuda.py                  -> $OUT/gpu-tests.log, .xml
-#   4. runs the GPU workloads of SPEC section 6 (floor, reference, triton, cuda when available;
+#   4. runs the GPU workloads of docs/math.md (floor, reference, triton, cuda when available;
 #      CUDA-event timing)      -> $OUT/xattn_similarity_gpu.md, $OUT/xattn_similarity_gpu.csv
 #   5. writes $OUT/summary.md (stage results and the benchmark table).
 # The reference is not run on eval-coco5k-gpu (hours); on eval-f30k-gpu it is timed on 500 of

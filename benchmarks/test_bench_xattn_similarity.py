@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every workload of SPEC section 6, every backend, forward and
+"""pytest-benchmark suite: every named workload (docs/math.md), every backend, forward and
 forward+backward, plus the matrix-product floor.
 
     .venv/bin/python -m pytest benchmarks --benchmark-enable        # timed, full sizes
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mefn_fast
-from mefn_fast.bench import DTYPES, WORKLOADS, check_against_reference, make_inputs, make_step
+from mefn_fast.bench.runner import DTYPES, WORKLOADS, check_against_reference, make_inputs, make_step
 
 SMOKE_FACTOR = 0.05
 TOLERANCE = {"fp32": 1e-4, "fp64": 1e-10, "fp16": 3e-2, "bf16": 6e-2}

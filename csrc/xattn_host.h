@@ -2,7 +2,7 @@
 // once, the per-pair parameters of a direction, and the input checks that do not depend on the
 // device (each op adds its own device and dtype checks). The per-pair math is in xattn_pair.h.
 //
-// The op schemas (csrc/xattn_similarity.cpp) take the options of SPEC section 2 as strings,
+// The op schemas (csrc/xattn_similarity.cpp) take the options of the similarity (docs/math.md) as strings,
 // floats and a bool, in this order: direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg,
 // lambda_lse. Bad values raise (TORCH_CHECK -> RuntimeError) naming the option, although the
 // Python API (mefn_fast/_validate.py) has already rejected them with a ValueError.

@@ -1,5 +1,5 @@
-// Per-pair math of the cross-attention similarity (SPEC section 2), shared by the CPU op
-// (csrc/xattn_similarity.cpp) and the CUDA op (csrc/cuda/, issue 5).
+// Per-pair math of the cross-attention similarity (``docs/math.md``, section 1), shared by the CPU op
+// (csrc/xattn_similarity.cpp) and the CUDA op (csrc/cuda/).
 //
 // One "pair" is one context (n rows) attended by one query (m rows). The caller supplies the
 // pair's cosine tile S already restricted to the valid rows and laid out context-major,
@@ -37,10 +37,10 @@
 
 namespace mefn {
 
-// Which scores a call computes: text-to-image, image-to-text, or their mean (SPEC 2.8).
+// Which scores a call computes: text-to-image, image-to-text, or their mean (docs/math.md, directions).
 enum Direction { kT2I = 0, kI2T = 1, kBoth = 2 };
 
-// Constants of SPEC section 2 (identical to mefn_fast/reference.py).
+// Constants of the per-pair function (docs/math.md; identical to mefn_fast/backends/reference.py).
 constexpr double kNormEps = 1e-12;             // F.normalize's eps (2.1)
 constexpr double kClipEps = 1e-8;              // clipped_l2norm's eps (2.3)
 constexpr double kAttendedNormSqEps = 1e-16;   // floor of A^T G A (2.5)

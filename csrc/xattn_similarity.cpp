@@ -1,11 +1,11 @@
-// The cross-attention similarity (SPEC section 2) as torch.library ops, with CPU kernels.
+// The cross-attention similarity (``docs/math.md``, section 1) as torch.library ops, with CPU kernels.
 //
 //   mefn_fast::xattn_similarity_fwd(regions, region_lengths, words, word_lengths, <options>)
 //       -> scores (B_img, B_txt)
 //   mefn_fast::xattn_similarity_bwd(grad_scores, regions, region_lengths, words, word_lengths,
 //       <options>, need_grad_regions, need_grad_words) -> (grad_regions, grad_words)
 //
-// Autograd and fake (meta) kernels are attached in Python (mefn_fast/ext_ops.py); the CUDA kernels
+// Autograd and fake (meta) kernels are attached in Python (mefn_fast/backends/ext_ops.py); the CUDA kernels
 // of csrc/cuda/ register for the CUDA key against the schemas declared here.
 //
 // CPU algorithm. Images are cut into blocks of bi images and captions into blocks of bt

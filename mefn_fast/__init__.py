@@ -1,20 +1,30 @@
 """mefn_fast: fused kernels for MEFN's entropy-aware cross-attention image-text similarity.
 
-Public API (SPEC section 5)::
-
     scores = mefn_fast.xattn_similarity(regions, region_lengths, words, word_lengths, backend="auto")
     maps = mefn_fast.entropy_map(regions_i, words_t)          # A, h, H, w, MFE of one pair
     mefn_fast.available_backends()                           # see python -m mefn_fast.info
     model = mefn_fast.MEFN(...); loss = mefn_fast.TripletLoss(margin=0.2, max_violation=True)
     metrics = mefn_fast.retrieval_metrics(scores, captions_per_image=5)
+
+The math is in ``docs/math.md``, the algorithms and backends in ``docs/design.md``.
+
+The package has three layers; a module imports only from its own layer and the ones below it
+(``tests/test_layers.py`` checks this):
+
+1. the op: ``api.py`` (the public functions), ``options.py``, ``_validate.py``, ``backends/``
+   (the registry and the reference, cpu, triton and cuda implementations), ``kernels/`` (Triton;
+   the repository's top-level ``kernels/`` folder), ``compat/`` (SCAN's signatures), and the
+   compiled ``_C`` (``csrc/``);
+2. the model: ``model/`` (MEFN, its encoders, losses, metrics, text encoders);
+3. the applications: ``retrieval/`` (data, training, evaluation, distributed, top-k, ablation,
+   heatmap), ``bench/`` (the benchmark suite), ``demo.py``, ``info.py`` and ``cli.py`` (the
+   ``mefn-fast`` command).
 """
 __version__ = "0.1.0"
 
 from .api import EntropyMap, entropy_map, xattn_similarity
 from .backends import available_backends, backend_status
-from .losses import InfoNCELoss, TripletLoss
-from .metrics import coco_1k_5fold, retrieval_metrics
-from .model import MEFN
+from .model import MEFN, InfoNCELoss, TripletLoss, coco_1k_5fold, retrieval_metrics
 from .options import XAttnOptions, make_options
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Input checking shared by every backend (SPEC section 5: bad input raises, never crashes)."""
+"""Input checking shared by every backend (bad input raises a ValueError / TypeError naming the argument; it never crashes)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union

@@ -1,4 +1,4 @@
-"""Public functions of SPEC section 5: :func:`xattn_similarity` and :func:`entropy_map`."""
+"""The op's public functions: :func:`xattn_similarity` and :func:`entropy_map`."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -8,7 +8,7 @@ import torch
 from ._validate import Lengths, check_features, check_inputs, check_lengths
 from .backends import select_backend
 from .options import make_options
-from .reference import _masked_normalize, compute_dtype, pair_function
+from .backends.reference import _masked_normalize, compute_dtype, pair_function
 
 
 def xattn_similarity(
@@ -28,7 +28,7 @@ def xattn_similarity(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Score every image against every caption by cross-attention (SPEC section 2).
+    """Score every image against every caption by cross-attention (``docs/math.md``, section 1).
 
     Args:
         regions: (B_img, N, d) region or patch features of the images.
@@ -63,7 +63,7 @@ def xattn_similarity(
 
 
 class EntropyMap(NamedTuple):
-    """One pair's entropy map (SPEC 2.4-2.7); rows are context items, columns query items."""
+    """One pair's entropy map (steps 4-7 of ``docs/math.md``, section 1); rows are context items, columns query items."""
 
     A: torch.Tensor  # (n, m) attention; each column sums to 1
     h: torch.Tensor  # (n, m) cell entropies -A log A (the paper's Figure 2)

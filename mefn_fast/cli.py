@@ -37,7 +37,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 # ---------------------------------------------------------------------------------- synth
 def _synth_args(p: argparse.ArgumentParser) -> None:
-    from .data.synth import SynthConfig
+    from .retrieval.data.synth import SynthConfig
 
     d = SynthConfig()
     p.add_argument("out", help="folder to write the data set to (created if needed)")
@@ -64,8 +64,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def _synth_run(args) -> int:
-    from .data.synth import SynthConfig, oracle_scores, write_synth
-    from .metrics import retrieval_metrics
+    from .retrieval.data.synth import SynthConfig, oracle_scores, write_synth
+    from .model.metrics import retrieval_metrics
 
     cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def _field_type(f) -> type:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .retrieval.train import TrainConfig
 
     p.add_argument("--config", help="JSON file of training options (the flag names with '_', e.g. "
                                     "{\"embed_dim\": 256}); flags given on the command line override it")
@@ -111,7 +111,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args):
-    from .train import TrainConfig
+    from .retrieval.train import TrainConfig
 
     values: dict = {}
     if getattr(args, "config", None):
@@ -132,7 +132,7 @@ def train_config_from_args(args):
 
 
 def _train_run(args) -> int:
-    from .train import train
+    from .retrieval.train import train
 
     cfg = train_config_from_args(args)
     result = train(cfg)
@@ -178,7 +178,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_run(args) -> int:
-    from . import distributed as dist_
+    from .retrieval import distributed as dist_
 
     ctx = dist_.setup(args.device, args.dist_backend) if dist_.env_world_size() > 1 else dist_.DistContext()
     try:
@@ -190,9 +190,10 @@ def _evaluate_run(args) -> int:
 def _evaluate(args, ctx) -> int:
     import numpy as np
 
-    from .data.datasets import open_dataset, timm_transform
-    from .evaluate import (evaluate_split, format_table, load_trained, resolve_device, result_json, save_topk,
-                           topk_split)
+    from .retrieval.data.datasets import open_dataset, timm_transform
+    from .retrieval.checkpoint import load_trained
+    from .retrieval.evaluate import evaluate_split, format_table, result_json, save_topk, topk_split
+    from .retrieval.runtime import resolve_device
 
     if args.threads:
         import torch
@@ -277,9 +278,10 @@ def _heatmap_args(p: argparse.ArgumentParser) -> None:
 
 
 def _heatmap_run(args) -> int:
-    from .data.datasets import open_dataset, timm_transform
-    from .evaluate import load_trained, pair_entropy_map
-    from .heatmap import draw_entropy_map
+    from .retrieval.data.datasets import open_dataset, timm_transform
+    from .retrieval.checkpoint import load_trained
+    from .retrieval.evaluate import pair_entropy_map
+    from .retrieval.heatmap import draw_entropy_map
 
     if args.threads:
         import torch
@@ -322,7 +324,7 @@ def _heatmap_run(args) -> int:
 
 # ---------------------------------------------------------------------------------- ablation
 def _ablation_args(p: argparse.ArgumentParser) -> None:
-    from .ablation import VARIANTS, AblationConfig
+    from .retrieval.ablation import VARIANTS, AblationConfig
 
     d = AblationConfig()
     p.add_argument("--out", default=d.out, help="folder for the runs, the generated data and ablation.json")
@@ -354,7 +356,7 @@ def _ablation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ablation_run(args) -> int:
-    from .ablation import AblationConfig, format_markdown, run_ablation
+    from .retrieval.ablation import AblationConfig, format_markdown, run_ablation
 
     extra = {}
     if args.train_config:
@@ -415,7 +417,7 @@ register("ablation", "the paper's Table 3 on the synthetic scenes: every ablatio
                      "mean ± std", _ablation_args, _ablation_run)
 register("info", "versions, the extension build and the available similarity backends", _info_args, _info_run)
 register("bench", "benchmark every available backend against the reference and the matrix-product floor "
-                  "(the workloads of SPEC section 6; --quick, --scaling)",
+                  "(the named workloads of docs/math.md; --quick, --scaling)",
          _bench_args, _bench_run)
 
 

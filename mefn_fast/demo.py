@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         print(f"  mean weight: function words {float(maps.w[is_function].mean()):.3f}, "
               f"content words {float(maps.w[~is_function].mean()):.3f}")
     if args.heatmap:
-        from .heatmap import draw_entropy_map
+        from .retrieval.heatmap import draw_entropy_map
 
         maps = mefn_fast.entropy_map(regions[0], words[t], word_length=int(word_lengths[t]), attn_norm="none")
         draw_entropy_map(maps, args.heatmap, texts[t], title="image 0 vs caption 0, attn_norm='none'")

@@ -2,7 +2,6 @@
 it is unavailable, if it is."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 
@@ -10,16 +9,7 @@ import torch
 
 import mefn_fast
 from mefn_fast.backends import BACKENDS, backend_status
-
-
-def build_info() -> dict:
-    """What ``setup.py`` recorded about the C++/CUDA extension build."""
-    path = os.path.join(os.path.dirname(mefn_fast.__file__), "_build_info.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {"built": False, "reason": "no build record (package not installed with setup.py?)"}
+from mefn_fast.backends.build import build_info
 
 
 def report() -> str:

@@ -1,4 +1,4 @@
-"""The options of the cross-attention similarity (SPEC section 2) and their validation.
+"""The options of the cross-attention similarity (``docs/math.md``, section 1) and their validation.
 
 Every backend receives the same frozen :class:`XAttnOptions`, built and checked once by
 :func:`make_options`, so a bad option string or hyper-parameter is rejected before any kernel
@@ -16,7 +16,7 @@ AGGS = ("mean", "lse")
 
 @dataclass(frozen=True)
 class XAttnOptions:
-    """Hyper-parameters of SPEC section 2; defaults are the SPEC's."""
+    """Hyper-parameters of the similarity (docs/math.md, section 1), with its defaults."""
 
     direction: str = "t2i"
     lambda_t2i: float = 9.0

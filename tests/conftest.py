@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded ragged inputs and the option grid of SPEC section 2."""
+"""Shared fixtures: seeded ragged inputs and the option grid of the similarity (docs/math.md)."""
 from __future__ import annotations
 
 import itertools
@@ -43,9 +43,9 @@ def make_inputs(b_img=3, b_txt=4, n=7, m=5, d=11, dtype=torch.float64, seed=0, r
 
 
 def ref_scores(regions, rl, words, wl, **opts):
-    """The reference backend's scores with SPEC-section-2 options given as keywords."""
+    """The reference backend's scores with the similarity's options given as keywords."""
     from mefn_fast.options import make_options
-    from mefn_fast.reference import xattn_similarity_reference
+    from mefn_fast.backends.reference import xattn_similarity_reference
 
     return xattn_similarity_reference(regions, rl, words, wl, make_options(**opts))
 

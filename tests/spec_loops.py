@@ -1,6 +1,6 @@
-"""An independent float64 implementation of SPEC section 2, written straight from the text.
+"""An independent float64 implementation of the similarity, written straight from docs/math.md.
 
-Plain loops over image x caption pairs; inside a pair, the Gram form of SPEC 2.5 (the reference
+Plain loops over image x caption pairs; inside a pair, the Gram form of step 5 (the reference
 forms the attended vector instead), an explicit max-subtracted softmax and -A log A with the
 0 log 0 = 0 convention. Differentiable with autograd, so gradients can be compared too.
 Used only by tests.
@@ -47,7 +47,7 @@ def spec_pair(c: torch.Tensor, q: torch.Tensor, lam: float, o: dict) -> torch.Te
 
 
 def spec_scores(regions, region_lengths, words, word_lengths, **opts) -> torch.Tensor:
-    """(B_img, B_txt) scores by loops over pairs, with SPEC's defaults for missing options."""
+    """(B_img, B_txt) scores by loops over pairs, with the documented defaults for missing options."""
     o = dict(direction="t2i", lambda_t2i=9.0, lambda_i2t=4.0, attn_norm="clipped_l2norm", mfe=True,
              tau=0.25, agg="mean", lambda_lse=6.0)
     o.update(opts)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mefn_fast.ablation import VARIANTS, variant_key
+from mefn_fast.retrieval.ablation import VARIANTS, variant_key
 from mefn_fast.cli import main
 
 
@@ -33,7 +33,7 @@ def test_ablation_command_tiny_budget(tmp_path, capsys):
         for k, stat in r["summary"].items():
             vals = [m[k] for m in per_seed]
             assert stat["mean"] == pytest.approx(np.mean(vals)) and stat["std"] == pytest.approx(np.std(vals, ddof=1))
-    # VSE++ is SPEC's use_local=False, the "w/o local attention" model: trained once, reported twice
+    # VSE++ is use_local=False (docs/math.md), the "w/o local attention" model: trained once, reported twice
     assert rows["VSE++ (global only)"]["same_as"] == "w/o local attention"
     assert rows["VSE++ (global only)"]["summary"] == rows["w/o local attention"]["summary"]
     assert "(= w/o local attention)" in printed

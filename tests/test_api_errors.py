@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument (SPEC section 5), for every backend
+"""Bad input raises ValueError/TypeError naming the argument, for every backend
 that can be asked for on this machine."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mefn_fast import bench
+from mefn_fast.bench import runner as bench
 
 
 TINY = bench.Workload("tiny", 3, 7, 5, 4, 16, False, ("fp32",), "cpu", m_min=2)

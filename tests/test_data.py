@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mefn_fast.data import (DataError, KarpathyDataset, PairCollate, PrecompDataset, SynthConfig, load_tokenizer,
+from mefn_fast.retrieval.data import (DataError, KarpathyDataset, PairCollate, PrecompDataset, SynthConfig, load_tokenizer,
                             oracle_scores, open_dataset, pad_images, timm_transform, tokenize, write_synth)
-from mefn_fast.data.synth import generate_split, vocabulary
+from mefn_fast.retrieval.data.synth import generate_split, vocabulary
 
 TINY = SynthConfig(seed=3, train=6, dev=4, test=3, testall_folds=2, regions=5, region_dim=8)
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from mefn_fast.cli import main
-from mefn_fast.data import PrecompDataset, SynthConfig, write_synth
-from mefn_fast.distributed import shard_ranges, triplet_rows_cols
-from mefn_fast.evaluate import evaluate_split, load_trained
-from mefn_fast.losses import TripletLoss
-from mefn_fast.train import RankBatchSampler, EpochBatchSampler, TrainConfig, train
+from mefn_fast.retrieval.data import PrecompDataset, SynthConfig, write_synth
+from mefn_fast.retrieval.distributed import shard_ranges, triplet_rows_cols
+from mefn_fast.retrieval.checkpoint import load_trained
+from mefn_fast.retrieval.evaluate import evaluate_split
+from mefn_fast.model.losses import TripletLoss
+from mefn_fast.retrieval.train import RankBatchSampler, EpochBatchSampler, TrainConfig, train
 
 TINY = dict(embed_dim=16, text_hidden=16, text_layers=1, text_dropout=0.0, threads=1, progress=False)
 

@@ -8,10 +8,11 @@ import torch
 
 from mefn_fast import coco_1k_5fold, retrieval_metrics
 from mefn_fast.cli import main
-from mefn_fast.data import KarpathyDataset, PrecompDataset, SynthConfig, write_synth
-from mefn_fast.evaluate import (encode_captions, encode_images, evaluate_split, format_table, load_trained,
-                                result_json, score_matrix)
-from mefn_fast.train import TrainConfig, build_model
+from mefn_fast.retrieval.data import KarpathyDataset, PrecompDataset, SynthConfig, write_synth
+from mefn_fast.retrieval.checkpoint import load_trained
+from mefn_fast.retrieval.evaluate import (encode_captions, encode_images, evaluate_split, format_table, result_json,
+                                          score_matrix)
+from mefn_fast.retrieval.train import TrainConfig, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +93,7 @@ def test_irregular_caption_layout_uses_caption_ids(setup, tmp_path):
     assert ds.captions_per_image is None
     # a stand-in for the image side: score with random "features" of the right width
     scores = torch.randn(3, 9)
-    from mefn_fast.evaluate import split_metrics
+    from mefn_fast.retrieval.evaluate import split_metrics
 
     assert split_metrics(scores, ds)["all"] == retrieval_metrics(scores, caption_image_ids=[0, 0, 1, 1, 1, 1, 2, 2, 2])
 

@@ -8,9 +8,10 @@ import torch
 
 from mefn_fast import entropy_map
 from mefn_fast.cli import main
-from mefn_fast.data import PrecompDataset, SynthConfig, tokenize, write_synth
-from mefn_fast.evaluate import load_trained, pair_entropy_map
-from mefn_fast.train import TrainConfig, build_model
+from mefn_fast.retrieval.data import PrecompDataset, SynthConfig, tokenize, write_synth
+from mefn_fast.retrieval.checkpoint import load_trained
+from mefn_fast.retrieval.evaluate import pair_entropy_map
+from mefn_fast.retrieval.train import TrainConfig, build_model
 
 
 @pytest.fixture(scope="module")

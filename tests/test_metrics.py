@@ -1,4 +1,4 @@
-"""Retrieval metrics (SPEC section 4) on hand-made score matrices with known ranks."""
+"""Retrieval metrics (``docs/math.md``, section 3) on hand-made score matrices with known ranks."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mefn_fast
-from mefn_fast.metrics import METRIC_KEYS
+from mefn_fast.model.metrics import METRIC_KEYS
 
 # 3 images, 2 captions each; ranks worked out by hand (see the comments).
 HAND = torch.tensor([

@@ -1,4 +1,4 @@
-"""The reference backend against SPEC section 2 (independent loops), SCAN, and itself."""
+"""The reference backend against the math of docs/math.md (independent loops), SCAN, and itself."""
 from __future__ import annotations
 
 import pytest

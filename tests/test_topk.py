@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mefn_fast.topk import stream_topk
+from mefn_fast.retrieval.topk import stream_topk
 
 
 def _full_topk(s: torch.Tensor, k: int):

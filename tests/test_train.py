@@ -10,9 +10,10 @@ import torch
 
 from mefn_fast import retrieval_metrics
 from mefn_fast.cli import COMMANDS, build_parser, main, train_config_from_args
-from mefn_fast.data import PrecompDataset, SynthConfig, write_synth
-from mefn_fast.evaluate import evaluate_split, load_trained
-from mefn_fast.train import EpochBatchSampler, TrainConfig, lr_factor, train
+from mefn_fast.retrieval.data import PrecompDataset, SynthConfig, write_synth
+from mefn_fast.retrieval.checkpoint import load_trained
+from mefn_fast.retrieval.evaluate import evaluate_split
+from mefn_fast.retrieval.train import EpochBatchSampler, TrainConfig, lr_factor, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import torch
 import mefn_fast
 from conftest import OPTION_GRID, make_inputs, option_id
 from mefn_fast.backends import get_backend
-from mefn_fast.info import build_info
+from mefn_fast.backends.build import build_info
 
 _BUILD = build_info()
 pytestmark = pytest.mark.skipif(not _BUILD.get("built"),
@@ -106,7 +106,7 @@ def test_gradcheck(opts):
 
 
 def _op_samples():
-    from mefn_fast.ext_ops import option_args
+    from mefn_fast.backends.ext_ops import option_args
     from mefn_fast.options import make_options
 
     out = []
@@ -118,14 +118,14 @@ def _op_samples():
 
 
 def test_opcheck_forward_op():
-    from mefn_fast.ext_ops import fwd_op
+    from mefn_fast.backends.ext_ops import fwd_op
 
     for (r, rl, w, wl), args in _op_samples():
         torch.library.opcheck(fwd_op, (r, rl, w, wl, *args))
 
 
 def test_opcheck_backward_op():
-    from mefn_fast.ext_ops import bwd_op
+    from mefn_fast.backends.ext_ops import bwd_op
 
     for (r, rl, w, wl), args in _op_samples():
         g = torch.randn(r.shape[0], w.shape[0], dtype=r.dtype)
@@ -254,7 +254,7 @@ def test_bad_input_through_the_cpu_backend():
 
 
 def test_the_raw_op_checks_its_arguments():
-    from mefn_fast.ext_ops import fwd_op
+    from mefn_fast.backends.ext_ops import fwd_op
 
     regions, rl, words, wl = make_inputs(2, 3, 4, 5, 6, dtype=torch.float32)
     args = ("t2i", 9.0, 4.0, "clipped_l2norm", True, 0.25, "mean", 6.0)

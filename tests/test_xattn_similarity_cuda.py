@@ -23,7 +23,7 @@ import torch
 
 import mefn_fast
 from conftest import OPTION_GRID, make_inputs, max_abs_err, option_id, ref_scores, scores_with_grads
-from mefn_fast.info import build_info
+from mefn_fast.backends.build import build_info
 from mefn_fast.options import make_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def test_extension_built_with_cuda_when_toolkit_present():
 
 @needs_build
 def test_cuda_kernels_registered():
-    from mefn_fast import cuda_backend, ext_ops  # noqa: F401  (loads mefn_fast._C)
+    from mefn_fast.backends import cuda as cuda_backend, ext_ops  # noqa: F401  (loads mefn_fast._C)
 
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
@@ -97,7 +97,7 @@ def test_backend_reason_is_true():
 
 
 def test_input_limits_are_readable():
-    from mefn_fast import cuda_backend
+    from mefn_fast.backends import cuda as cuda_backend
 
     r = torch.zeros(1, 36, 8)
     w = torch.zeros(1, 32, 8)
@@ -353,7 +353,7 @@ def test_run_to_run_determinism(dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_opcheck(dtype):
-    from mefn_fast import ext_ops
+    from mefn_fast.backends import ext_ops
 
     regions, rl, words, wl = make_inputs(3, 4, 6, 5, 16, dtype=dtype, seed=3, device="cuda")
     args = ext_ops.option_args(make_options(direction="both"))
@@ -369,7 +369,7 @@ def test_auto_picks_cuda_and_bad_input():
     regions, rl, words, wl = make_inputs(2, 3, 5, 4, 9, dtype=torch.float16, seed=5, device="cuda")
     name, _ = mefn_fast.backends.select_backend("auto", regions, words, make_options())
     assert name == "cuda"
-    from mefn_fast import ext_ops
+    from mefn_fast.backends import ext_ops
 
     args = ext_ops.option_args(make_options())
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):

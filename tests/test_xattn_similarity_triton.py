@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton")
 
 import mefn_fast  # noqa: E402
 from conftest import OPTION_GRID, make_inputs, max_abs_err, option_id, ref_scores, scores_with_grads  # noqa: E402
-from mefn_fast import triton_backend as tb  # noqa: E402
+from mefn_fast.backends import triton as tb  # noqa: E402
 from mefn_fast.options import make_options  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -1,4 +1,4 @@
-// Host side of the CUDA implementation of the cross-attention similarity ops (SPEC section 2):
+// Host side of the CUDA implementation of the cross-attention similarity ops (``docs/math.md``, section 1):
 // option parsing and input checks (mirroring csrc/xattn_similarity.cpp), the launch plan and the
 // kernel arguments. The kernels: xattn_blocks.cuh (bodies), xattn_tile.cuh (cosine tiles on tensor
 // cores), xattn_pair_warp.cuh (the per-pair epilogue of csrc/xattn_pair.h, one warp per pair);

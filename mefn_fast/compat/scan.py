@@ -9,7 +9,7 @@ Same signatures and semantics: ``images`` (n_image, n_regions, d), ``captions``
 (n_caption, max_n_word, d), ``cap_lens`` the caption lengths (a list of ints or a 1-D tensor),
 ``opt`` any object with SCAN's attributes ``lambda_softmax``, ``agg_func``, ``lambda_lse`` and
 ``raw_feature_norm``; the result is the (n_image, n_caption) similarity matrix, differentiable
-with respect to both feature tensors. These are SPEC section 2 with ``mfe=False``.
+with respect to both feature tensors. These are the similarity of ``docs/math.md`` with ``mfe=False``.
 
 Supported: ``raw_feature_norm`` in {"clipped_l2norm", "no_norm"} and ``agg_func`` in
 {"Mean", "LogSumExp", "Sum"} ("Sum" is m times "Mean", m the number of query items). Anything

@@ -21,7 +21,7 @@ the weights follow the one-process run up to floating-point rounding. Without
 ``gather_negatives`` each rank's negatives come from its own batch only (cheaper: no
 world-size-times-larger score blocks) and the gradient is the sum of the ranks' gradients.
 
-Evaluation (:func:`mefn_fast.evaluate.evaluate_split` with a process group): the images and the
+Evaluation (:func:`mefn_fast.retrieval.evaluate.evaluate_split` with a process group): the images and the
 captions are embedded in the same batches as on one process, the batches dealt out to the ranks
 and the embeddings all-gathered (padded to a common length); the score-matrix rows are dealt out
 in ``image_chunk`` blocks and all-gathered. Every block is computed exactly as on one process, so
@@ -211,7 +211,7 @@ def triplet_rows_cols(rows: torch.Tensor, cols: torch.Tensor, offset: int, ids: 
     ``rows``: (b, B) scores of the local images against every caption; ``cols``: (B, b) scores of
     every image against the local captions; ``ids``: (B,) image ids of the global batch,
     ``local_ids`` its local slice. Summing this over the ranks gives
-    :class:`mefn_fast.losses.TripletLoss` of the (B, B) global matrix.
+    :class:`mefn_fast.TripletLoss` of the (B, B) global matrix.
     """
     b = rows.shape[0]
     idx = torch.arange(b, device=rows.device)
@@ -242,7 +242,7 @@ class DistributedTrainStep(nn.Module):
 
     def forward(self, images, region_lengths, input_ids, attention_mask, special_tokens_mask, image_ids,
                 hardest: Optional[bool] = None):
-        from .model import ImageEmbeddings, TextEmbeddings
+        from ..model import ImageEmbeddings, TextEmbeddings
 
         m = self.model
         hardest = self.max_violation if hardest is None else hardest

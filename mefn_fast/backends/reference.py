@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the cross-attention similarity (SPEC section 2).
+"""Plain-PyTorch reference of the cross-attention similarity (``docs/math.md``, section 1).
 
 This is the ground truth every fused backend is tested against. It follows SCAN's recipe
 literally: it forms the attended context vector ``a_k = sum_r A_rk c_r`` (d-dimensional) and
@@ -20,11 +20,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .options import XAttnOptions
+from ..options import XAttnOptions
 
-NORM_EPS = 1e-12  # F.normalize's eps (SPEC 2.1)
-CLIP_EPS = 1e-8  # clipped_l2norm's eps (SPEC 2.3)
-ATTENDED_NORM_SQ_EPS = 1e-16  # the attended cosine's floor, as a squared norm (SPEC 2.5)
+NORM_EPS = 1e-12  # F.normalize's eps (step 1)
+CLIP_EPS = 1e-8  # clipped_l2norm's eps (step 3)
+ATTENDED_NORM_SQ_EPS = 1e-16  # the attended cosine's floor, as a squared norm (step 5)
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # budget for the largest per-chunk tensor, in elements
 
 
@@ -53,7 +53,7 @@ def _masked_normalize(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
 
 
 def pair_function(c_hat, c_mask, q_hat, q_mask, lam: float, opts: XAttnOptions) -> PairMaps:
-    """SPEC 2.2-2.8 for broadcastable batches of pairs.
+    """Steps 2-8 of the per-pair function (``docs/math.md``) for broadcastable batches of pairs.
 
     ``c_hat``: (..., n, d) unit context rows (padded rows zero), ``c_mask``: (..., n) bool;
     ``q_hat``: (..., m, d) unit query rows, ``q_mask``: (..., m) bool. The leading dims broadcast
@@ -113,7 +113,7 @@ def xattn_similarity_reference(
     opts: XAttnOptions,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Scores (B_img, B_txt) of SPEC section 2, computed chunk by chunk over captions.
+    """Scores (B_img, B_txt) of the similarity (``docs/math.md``), computed chunk by chunk over captions.
 
     Inputs are assumed validated (see :func:`mefn_fast.xattn_similarity`); lengths are int64.
     """
@@ -142,3 +142,8 @@ def xattn_similarity_reference(
             parts.append(pair_function(w_hat[None], w_mask[None], r_hat[:, None], r_mask[:, None], opts.lambda_i2t, opts).score)
         columns.append(parts[0] if len(parts) == 1 else 0.5 * (parts[0] + parts[1]))
     return torch.cat(columns, dim=1).to(out_dtype)
+
+
+def load():
+    """The reference backend is always available."""
+    return xattn_similarity_reference

@@ -1,4 +1,4 @@
-"""Triton kernels of the cross-attention similarity ``xattn_similarity`` (SPEC section 2).
+"""Triton kernels of the cross-attention similarity ``xattn_similarity`` (``docs/math.md``, section 1).
 
 Layout of the work
 ------------------
@@ -54,7 +54,7 @@ Tested on
 ---------
 Run only under the Triton CPU interpreter (``TRITON_INTERPRET=1``, Triton 3.8, torch 2.14 on
 CPU): every option, direction, ragged lengths, float32 and float16, forward and gradients,
-against ``mefn_fast.reference``. Compiled (not run) for sm_90 offline with Triton 3.8's
+against ``mefn_fast.backends.reference``. Compiled (not run) for sm_90 offline with Triton 3.8's
 ``triton.compile`` and ptxas, for fp16 / bf16 / fp32 (ieee and tf32) and tile classes
 (LCP, BQ*LQP) = (16, 16), (64, 64), (128, 128), bf16 (256, 64), (32, 256), (256, 128) and fp32
 (256, 64): all compile; the last two exceed an H100's shared memory and are refused by
@@ -73,7 +73,7 @@ Known risks
   look at on a GPU.
 * float32 with 256-row context tiles (N > 128) compiles to ~330 KiB of shared memory (the exact
   G @ A product stages G there), beyond an H100's 227 KiB, and takes minutes to compile:
-  ``mefn_fast.triton_backend.input_limits`` refuses float32 with N > 128. In fp16 / bf16 the
+  ``mefn_fast.backends.triton.input_limits`` refuses float32 with N > 128. In fp16 / bf16 the
   256-row tiles fit with M <= 32 (forward <= 66 KiB, backward <= 147 KiB); with M = 128 the
   context-gradient kernel needs 257 KiB, so N > 128 is taken only with M <= 32 (ViT patches:
   197 x 32). The interpreter tests still cover the 256-row code path.
@@ -218,7 +218,7 @@ def _tiles(c_ptr, c, rows, rowok, s_cb, s_cl, s_cd, q_ptr, q_idx, pos, colok, s_
 def _pair_math(S, G, rowok, colok, clen, m_col, lam, tau, lam_lse,
                LCP: tl.constexpr, BQ: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr,
                MFE: tl.constexpr, AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """SPEC 2.3-2.8 on a tile; returns the (BQ,) scores and what the backward needs."""
+    """Steps 3-8 of the per-pair function (docs/math.md) on a tile; returns the (BQ,) scores and what the backward needs."""
     if ATTN_CLIP:
         P = tl.where(S > 0, S, 0.1 * S)
         P = tl.where(colok[None, :], P, 0.0)

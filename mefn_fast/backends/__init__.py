@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .options import XAttnOptions
+from ..options import XAttnOptions
 
 log = logging.getLogger("mefn_fast")
 
@@ -32,29 +32,31 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass
 class Backend:
+    """One backend: its module ``mefn_fast.backends.<name>`` has ``load()`` (the implementation, or
+    :class:`BackendUnavailable`) and optionally ``input_limits(regions, words, opts)``."""
+
     name: str
     description: str
-    module: str  # module (relative to mefn_fast) whose ``load()`` returns the implementation
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    issue: Optional[str] = None  # set while the backend is not implemented yet
     _impl: Optional[Impl] = field(default=None, repr=False)
     _reason: Optional[str] = field(default=None, repr=False)
     _loaded: bool = field(default=False, repr=False)
+
+    @property
+    def module(self):
+        return importlib.import_module(f"{__name__}.{self.name}")
 
     def load(self) -> Optional[Impl]:
         """The implementation, or None (then :meth:`unavailable_reason` says why)."""
         if not self._loaded:
             self._loaded = True
-            if self.issue is not None:
-                self._reason = f"not implemented yet ({self.issue})"
-            else:
-                try:
-                    self._impl = importlib.import_module(f"mefn_fast.{self.module}").load()
-                except BackendUnavailable as e:
-                    self._reason = str(e)
-                except Exception as e:  # a broken build must not break the package
-                    self._reason = f"failed to load: {type(e).__name__}: {e}"
+            try:
+                self._impl = self.module.load()
+            except BackendUnavailable as e:
+                self._reason = str(e)
+            except Exception as e:  # a broken build must not break the package
+                self._reason = f"failed to load: {type(e).__name__}: {e}"
         return self._impl
 
     def unavailable_reason(self) -> Optional[str]:
@@ -72,7 +74,7 @@ class Backend:
         if regions.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             out.append(f"dtype {str(regions.dtype).replace('torch.', '')} not supported (takes {names})")
-        limits = getattr(importlib.import_module(f"mefn_fast.{self.module}"), "input_limits", None)
+        limits = getattr(self.module, "input_limits", None)
         if limits is not None and not out:
             out.extend(limits(regions, words, opts))
         return out
@@ -84,13 +86,13 @@ _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("cuda", "C++/CUDA extension op (tensor-core tiles, shared per-pair header)", "cuda_backend",
+        Backend("cuda", "C++/CUDA extension op (tensor-core tiles, shared per-pair header)",
                 ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
-        Backend("triton", "Triton kernels (fused tile, entropy and aggregation)", "triton_backend",
+        Backend("triton", "Triton kernels (fused tile, entropy and aggregation)",
                 ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
-        Backend("cpu", "C++ CPU extension op (blocked GEMM tiles, fused per-pair epilogue)", "cpu_backend",
+        Backend("cpu", "C++ CPU extension op (blocked GEMM tiles, fused per-pair epilogue)",
                 ("cpu",), (torch.float32, torch.float64)),
-        Backend("reference", "plain PyTorch, materialising, chunked over captions", "reference_backend",
+        Backend("reference", "plain PyTorch, materialising, chunked over captions",
                 ("cpu", "cuda", "mps", "xpu"), _ALL_FLOATS),
     )
 }

@@ -11,12 +11,12 @@ from typing import Optional
 
 import torch
 
-from .backends import BackendUnavailable
-from .options import XAttnOptions
+from . import BackendUnavailable
+from ..options import XAttnOptions
 
 
 def _build_reason() -> str:
-    from .info import build_info
+    from .build import build_info
 
     info = build_info()
     if info.get("built"):

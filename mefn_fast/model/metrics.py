@@ -1,4 +1,4 @@
-"""Retrieval metrics of SPEC section 4, with ties counted against the model."""
+"""Retrieval metrics (docs/math.md, section 3), with ties counted against the model."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +52,7 @@ def _summary(prefix: str, ranks: torch.Tensor, ap: torch.Tensor) -> dict:
 
 def retrieval_metrics(scores, captions_per_image: int = 5, caption_image_ids=None,
                       block: int = 1024) -> dict:
-    """R@1/5/10, medr, meanr and mAP in both directions, and rsum (SPEC section 4).
+    """R@1/5/10, medr, meanr and mAP in both directions, and rsum (``docs/math.md``, section 3).
 
     Args:
         scores: (n_images, n_captions) similarity matrix (torch or numpy), higher is better.

@@ -1,4 +1,4 @@
-"""The MEFN model (SPEC section 3): encoders, the local cross-attention branch with entropy-aware
+"""The MEFN model (``docs/math.md``, section 2): encoders, the local cross-attention branch with entropy-aware
 weights, the global attention-pooling branch and their learned fusion.
 
     model = MEFN(text_encoder="path/to/bert", region_dim=2048, embed_dim=1024)
@@ -15,108 +15,31 @@ import copy
 import json
 import math
 import os
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import xattn_similarity
-from .options import make_options
+from ..api import xattn_similarity
+from ..options import make_options
+from .embeddings import ImageEmbeddings, TextEmbeddings
+from .encoders import PrecomputedRegionEncoder, TimmImageEncoder, build_text_encoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
-
-
-class ImageEmbeddings(NamedTuple):
-    regions: torch.Tensor  # (B, N, d) projected regions
-    lengths: torch.Tensor  # (B,) valid regions
-    global_: torch.Tensor  # (B, d) attention-pooled image vector
-
-
-class TextEmbeddings(NamedTuple):
-    words: torch.Tensor  # (B, M, d) projected non-special tokens, left-aligned
-    lengths: torch.Tensor  # (B,) valid words
-    cls: torch.Tensor  # (B, d) projected [CLS] state
 
 
 def _lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class PrecomputedRegionEncoder(nn.Module):
-    """Precomputed region features (B, N, F), e.g. bottom-up 36 x 2048, projected to d."""
-
-    def __init__(self, region_dim: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(region_dim, embed_dim)
-        self.region_dim = region_dim
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != self.region_dim:
-            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"images must be precomputed region features (B, N, {self.region_dim}); got {shape}")
-        return self.proj(features)
-
-
-class TimmImageEncoder(nn.Module):
-    """Any ``timm`` backbone; its final feature map (CNN) or patch tokens (ViT) become the regions."""
-
-    def __init__(self, model_name: str, embed_dim: int, pretrained: bool = False, **timm_kwargs):
-        super().__init__()
-        import timm
-
-        self.backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, global_pool="", **timm_kwargs)
-        self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
-        self.proj = nn.Linear(self.backbone.num_features, embed_dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError("images must be a (B, C, H, W) tensor for a timm image encoder")
-        feats = self.backbone.forward_features(images)
-        if feats.dim() == 4:  # (B, C, h, w) feature map -> (B, h*w, C)
-            feats = feats.flatten(2).transpose(1, 2)
-        elif feats.dim() == 3:  # (B, T, C) tokens: drop [CLS] / register tokens
-            feats = feats[:, self.num_prefix_tokens:]
-        else:
-            raise ValueError(f"unexpected timm feature shape {tuple(feats.shape)}")
-        return self.proj(feats)
-
-
-def _build_text_encoder(spec, pretrained: bool) -> nn.Module:
-    """A transformers encoder from a name/path, a config (object or dict) or a module."""
-    if isinstance(spec, nn.Module):
-        return spec
-    import transformers
-
-    if isinstance(spec, transformers.PretrainedConfig):
-        return transformers.AutoModel.from_config(spec, **_no_pooler(spec))
-    if isinstance(spec, dict):
-        cfg = dict(spec)
-        model_type = cfg.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("a text_encoder config dict needs a 'model_type' (e.g. 'bert')")
-        return _build_text_encoder(transformers.AutoConfig.for_model(model_type, **cfg), pretrained)
-    if isinstance(spec, (str, os.PathLike)):
-        spec = os.fspath(spec)
-        config = transformers.AutoConfig.from_pretrained(spec)
-        if pretrained:
-            return transformers.AutoModel.from_pretrained(spec, **_no_pooler(config))
-        return _build_text_encoder(config, pretrained)
-    raise TypeError(f"text_encoder must be a name, path, config, config dict or nn.Module; got {type(spec).__name__}")
-
-
 def _json_normalised(obj: dict) -> dict:
     return json.loads(json.dumps(obj))
 
 
-def _no_pooler(config) -> dict:
-    """Drop the unused pooling head where the model class takes that switch (BERT family)."""
-    return {"add_pooling_layer": False} if getattr(config, "model_type", "") in ("bert", "roberta") else {}
-
-
 class MEFN(nn.Module):
-    """Multi-scale Entropy-aware Fusion Network (SPEC section 3).
+    """Multi-scale Entropy-aware Fusion Network (``docs/math.md``, section 2).
 
     Args:
         embed_dim: the joint space's dimension d.
@@ -126,7 +49,7 @@ class MEFN(nn.Module):
         text_encoder: a ``transformers`` model name or local path, a config (``PretrainedConfig``
             or a dict with ``model_type``) or an ``nn.Module`` whose output has ``last_hidden_state``.
         text_pretrained: load the named model's weights (else only its configuration).
-        mfe, direction, lambda_t2i, lambda_i2t, attn_norm, tau, agg, lambda_lse: SPEC section 2.
+        mfe, direction, lambda_t2i, lambda_i2t, attn_norm, tau, agg, lambda_lse: the similarity's options (docs/math.md, section 1).
         use_local, use_global: the two branches (at least one).
         backend: backend of the local similarity (see :func:`mefn_fast.xattn_similarity`).
     """
@@ -155,7 +78,7 @@ class MEFN(nn.Module):
         else:
             raise ValueError(f"image_encoder={image_encoder!r} is not one of ('precomp', 'timm')")
 
-        self.text_encoder = _build_text_encoder(text_encoder, text_pretrained)
+        self.text_encoder = build_text_encoder(text_encoder, text_pretrained)
         hidden = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
         if hidden is None:
             raise ValueError("the text encoder must have config.hidden_size")

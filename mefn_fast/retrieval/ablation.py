@@ -4,13 +4,13 @@
     result = run_ablation(cfg)                  # trains and evaluates every variant x seed
     print(format_markdown(result))              # mean +- std over the seeds
 
-The variants are the switches of SPEC section 3 (:data:`VARIANTS`): the full MEFN, without MFE
+The variants are the switches of the model (docs/math.md, section 2) (:data:`VARIANTS`): the full MEFN, without MFE
 (the plain mean over words), without the local cross-attention branch, without the global
-branch, SCAN (no global branch, no MFE) and VSE++ (no local branch). SPEC section 3 defines the
+branch, SCAN (no global branch, no MFE) and VSE++ (no local branch). docs/math.md defines the
 VSE++-style model as ``use_local=False``, which is the "without local attention" model: the two
 rows are one configuration, trained once per seed and reported on both rows (marked ``=``).
 Every variant trains with the same data, seeds, steps, learning rate and loss (those of
-:class:`mefn_fast.train.TrainConfig` unless overridden), and is evaluated on the same split; the
+:class:`mefn_fast.retrieval.train.TrainConfig` unless overridden), and is evaluated on the same split; the
 JSON file keeps every run's metrics.
 """
 from __future__ import annotations

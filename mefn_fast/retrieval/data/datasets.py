@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .text import tokenize
+from ...model.text import tokenize
 
 SCAN_SPLITS = ("train", "dev", "test", "testall")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .api import EntropyMap
+from ..api import EntropyMap
 
 
 def draw_entropy_map(maps: EntropyMap, path: str, query_labels: Optional[Sequence[str]] = None,

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers the ops)
-from .options import XAttnOptions
+from .. import _C  # noqa: F401  (loads the library that registers the ops)
+from ..options import XAttnOptions
 
 fwd_op = torch.ops.mefn_fast.xattn_similarity_fwd.default
 bwd_op = torch.ops.mefn_fast.xattn_similarity_bwd.default

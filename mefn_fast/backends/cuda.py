@@ -2,7 +2,7 @@
 (``csrc/cuda/*.cu``, registered for the CUDA dispatch key; schema in ``csrc/xattn_similarity.cpp``),
 for float16, bfloat16 and float32 CUDA tensors.
 
-The Python side (fake kernels, autograd) is :mod:`mefn_fast.ext_ops`, shared with the cpu backend:
+The Python side (fake kernels, autograd) is :mod:`mefn_fast.backends.ext_ops`, shared with the cpu backend:
 the dispatcher sends CUDA tensors to the CUDA kernels.
 
 Kernels (see the comments at the top of each file under ``csrc/cuda/``):
@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from .backends import BackendUnavailable
-from .options import XAttnOptions
+from . import BackendUnavailable
+from ..options import XAttnOptions
 
 OPS = ("mefn_fast::xattn_similarity_fwd", "mefn_fast::xattn_similarity_bwd")
 
@@ -38,7 +38,7 @@ _SMEM_LIMIT = 163 * 1024
 
 
 def _build_info() -> dict:
-    from .info import build_info
+    from .build import build_info
 
     return build_info()
 

@@ -1,4 +1,4 @@
-"""The benchmark runner: every available backend on the workloads of SPEC section 6, in one run.
+"""The benchmark runner: every available backend on the named workloads of docs/math.md, in one run.
 
     python -m mefn_fast.bench                 # the workloads that fit this device
     python -m mefn_fast.bench --quick         # reduced sizes, under two minutes on a 2-core CPU
@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 
 @dataclass(frozen=True)
 class Workload:
-    """One row of SPEC section 6."""
+    """One named workload (docs/math.md, section 4)."""
 
     name: str
     b_img: int
@@ -508,8 +508,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -520,7 +518,3 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

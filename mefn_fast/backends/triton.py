@@ -1,8 +1,7 @@
 """The "triton" backend: the Triton kernels of :mod:`mefn_fast.kernels.xattn_similarity` as
 ``torch.library`` custom ops.
 
-Ops (namespace ``mefn_fast_triton``, so that they never clash with the C++ ops that issue #3 /
-#5 declare in ``TORCH_LIBRARY(mefn_fast, ...)``; the op keeps its one name ``xattn_similarity``):
+Ops (namespace ``mefn_fast_triton``, so that they never clash with the C++ ops that csrc/ declares in ``TORCH_LIBRARY(mefn_fast, ...)``; the op keeps its one name ``xattn_similarity``):
 
 * ``mefn_fast_triton::xattn_similarity(regions, region_lengths, words, word_lengths, direction,
   lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse) -> scores`` (B_img, B_txt) in the
@@ -32,8 +31,8 @@ import os
 
 import torch
 
-from .backends import BackendUnavailable
-from .options import XAttnOptions
+from . import BackendUnavailable
+from ..options import XAttnOptions
 
 MAX_N = 256  # regions per image (ViT-B/16 has 197 patch tokens)
 MAX_M = 128  # words per caption
@@ -44,7 +43,7 @@ def interpreter_enabled() -> bool:
 
 
 def _kernels():
-    from .kernels import xattn_similarity as k  # imports triton; only on the first call
+    from ..kernels import xattn_similarity as k  # imports triton; only on the first call
     return k
 
 

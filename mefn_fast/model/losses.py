@@ -27,7 +27,7 @@ def _check_scores(scores: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Te
 
 
 class TripletLoss(nn.Module):
-    """VSE++'s hinge triplet loss (SPEC section 3).
+    """VSE++'s hinge triplet loss (``docs/math.md``, section 2).
 
     ``loss = sum_i [alpha - s(i,i) + s(i,j')]_+ + sum_j [alpha - s(j,j) + s(i',j)]_+`` with the
     hardest negatives j', i' when ``max_violation`` (VSE++ "MH"), else summed over all negatives

@@ -1,7 +1,7 @@
 """Evaluation: embed a data split, score every image against every caption in chunks, and report
-the retrieval metrics of :mod:`mefn_fast.metrics` (``mefn-fast evaluate``).
+the retrieval metrics of :mod:`mefn_fast.model.metrics` (``mefn-fast evaluate``).
 
-    model, tokenizer, _ = load_trained("runs/synth")                    # a run folder or a checkpoint
+    model, tokenizer, _ = load_trained("runs/synth")       # mefn_fast.retrieval.checkpoint
     result = evaluate_split(model, PrecompDataset("data/synth", "test"), tokenizer)
     print(format_table(result))
 
@@ -11,67 +11,31 @@ chunk) block at a time, so the cross-attention never sees more than ``image_chun
 ``caption_chunk`` pairs at once. Each block goes through :meth:`MEFN.similarity` and therefore
 through the backend the model names (``"auto"``: the fastest one available).
 
-Under ``torchrun`` (a process group of several ranks, see :mod:`mefn_fast.distributed`) the same
+Under ``torchrun`` (a process group of several ranks, see :mod:`mefn_fast.retrieval.distributed`) the same
 functions deal the embedding batches and the score-matrix row blocks out to the ranks and
 all-gather the results; each block is computed as on one process, so the score matrix is the
 same, bit for bit. :func:`topk_split` streams a gallery whose score matrix does not fit in memory
-through :func:`mefn_fast.topk.stream_topk`, keeping the best captions of each image and images of
+through :func:`mefn_fast.retrieval.topk.stream_topk`, keeping the best captions of each image and images of
 each caption; :func:`pair_entropy_map` gives the entropy map of one image-caption pair of a split.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..model import MEFN, ImageEmbeddings, TextEmbeddings
+from ..model.metrics import METRIC_KEYS, coco_1k_5fold, retrieval_metrics
+from ..model.text import tokenize
 from .data.datasets import CaptionDataset, ImageView, pad_images
-from .data.text import load_tokenizer, tokenize
-from .metrics import METRIC_KEYS, coco_1k_5fold, retrieval_metrics
-from .model import CONFIG_NAME, WEIGHTS_NAME, MEFN, ImageEmbeddings, TextEmbeddings
-
-CHECKPOINT_FORMAT = "mefn_fast.train/1"
-TOKENIZER_DIR = "tokenizer"
-
-
-def _tqdm(progress: bool, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=not progress, dynamic_ncols=True, **kw)
-
-
-def autocast(device: torch.device, amp: str):
-    """Mixed precision on CUDA only (``amp``: "auto" = bf16 where supported else fp16, "bf16",
-    "fp16", "off"); a no-op context on the CPU."""
-    dtype = amp_dtype(device, amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"amp={amp!r} is not one of auto, off, bf16, fp16")
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
+from .runtime import autocast, progress_bar
 
 # ------------------------------------------------------------------------------- distribution
 def _dist(distributed: Optional[bool]):
-    """The mefn_fast.distributed module when this call is to be spread over a process group."""
+    """The mefn_fast.retrieval.distributed module when this call is to be spread over a process group."""
     from . import distributed as d
 
     if distributed is None:
@@ -117,7 +81,7 @@ def encode_images(model: MEFN, dataset: CaptionDataset, *, batch_size: int = 128
                         num_workers=workers, collate_fn=pad_images, generator=torch.Generator())
     regions, lengths, globals_ = [], [], []
     total = sum(hi - lo for lo, hi in mine)
-    with _tqdm(progress and (d is None or d.context().is_main), total=total, desc="encode images", unit="img") as bar:
+    with progress_bar(progress and (d is None or d.context().is_main), total=total, desc="encode images", unit="img") as bar:
         for images, region_lengths in loader:
             with autocast(device, amp):
                 e = model.encode_images(images.to(device), None if region_lengths is None else region_lengths.to(device))
@@ -139,7 +103,7 @@ def encode_captions(model: MEFN, captions, tokenizer, *, batch_size: int = 256, 
     mine = _my_batches(len(captions), batch_size, d)
     words, lengths, cls = [], [], []
     total = sum(hi - lo for lo, hi in mine)
-    with _tqdm(progress and (d is None or d.context().is_main), total=total, desc="encode captions",
+    with progress_bar(progress and (d is None or d.context().is_main), total=total, desc="encode captions",
                unit="cap") as bar:
         for lo, hi in mine:
             tok = tokenize(tokenizer, captions[lo:hi], max_length)
@@ -200,7 +164,7 @@ def score_matrix(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, *, imag
     out = torch.empty(n_img, n_cap, dtype=torch.float32)
     device = img.regions.device
     blocks = -(-n_img // image_chunk) * -(-n_cap // caption_chunk)
-    with _tqdm(progress, total=blocks, desc="score", unit="block") as bar:
+    with progress_bar(progress, total=blocks, desc="score", unit="block") as bar:
         for c0 in range(0, n_cap, caption_chunk):
             c1 = min(c0 + caption_chunk, n_cap)
             lens = txt.lengths[c0:c1]
@@ -221,7 +185,7 @@ def chosen_backend(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings) -> st
     """The backend that the model's local similarity runs on for these embeddings."""
     if not model.use_local:
         return "none (global branch only)"
-    from .backends import select_backend
+    from ..backends import select_backend
 
     name, _ = select_backend(model.backend, img.regions[:1], txt.words[:1], model.opts)
     return name
@@ -316,10 +280,10 @@ def topk_scores(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, k: int =
     """The top-k captions of each image and images of each caption, without the full score matrix.
 
     Blocks are scored as :func:`score_matrix` scores them and streamed through
-    :func:`mefn_fast.topk.stream_topk` (memory O(block + (images + captions) x k)); ties go to the
+    :func:`mefn_fast.retrieval.topk.stream_topk` (memory O(block + (images + captions) x k)); ties go to the
     lower index, so the result equals a stable descending sort of the full matrix. Distributed:
     each rank streams its ``image_chunk`` row blocks; the captions of each image are gathered and
-    the ranks' image lists of each caption merged. Returns :class:`mefn_fast.topk.StreamedTopK`
+    the ranks' image lists of each caption merged. Returns :class:`mefn_fast.retrieval.topk.StreamedTopK`
     (scores in float64, as ``stream_topk`` keeps them).
     """
     from .topk import StreamedTopK, TopK, stream_topk
@@ -375,7 +339,7 @@ def topk_split(model: MEFN, dataset: CaptionDataset, tokenizer, k: int = 10, *, 
 
 
 def save_topk(top, path: str) -> str:
-    """Write a :class:`~mefn_fast.topk.StreamedTopK` to ``.npz``: ``captions_of_image`` /
+    """Write a :class:`~mefn_fast.retrieval.topk.StreamedTopK` to ``.npz``: ``captions_of_image`` /
     ``images_of_caption`` (indices, (n, k)) and ``*_scores`` (float64)."""
     import numpy as np
 
@@ -397,7 +361,7 @@ def pair_entropy_map(model: MEFN, dataset: CaptionDataset, tokenizer, image: int
     ``(maps, words, regions)``: the :class:`~mefn_fast.EntropyMap`, the caption's word tokens (the
     non-special tokens the model attends with, decoded) and region labels ``r0, r1, ...``.
     """
-    from .api import entropy_map
+    from ..api import entropy_map
 
     if not 0 <= image < dataset.n_images:
         raise ValueError(f"image {image} is not in [0, {dataset.n_images})")
@@ -450,61 +414,6 @@ def result_json(result: dict, **extra) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------- loading
-def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None):
-    """(model, tokenizer, training info) from what ``mefn-fast train`` wrote.
-
-    ``path`` is a run folder (its ``best/`` model, else ``last.pt``), a model folder written by
-    :meth:`MEFN.save` (``config.json`` + ``weights.pt``, tokenizer in ``tokenizer/``) or a training
-    checkpoint ``.pt``. ``tokenizer`` overrides the saved tokenizer (a folder, vocab.txt or name).
-    """
-    path = os.fspath(path)
-    info: dict = {}
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "best", CONFIG_NAME)):
-            path = os.path.join(path, "best")
-        elif os.path.isfile(os.path.join(path, "last.pt")):
-            path = os.path.join(path, "last.pt")
-        else:
-            raise FileNotFoundError(f"{path}: neither a model folder (config.json, weights.pt), a run folder "
-                                    "(best/ or last.pt) nor a checkpoint")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            raise FileNotFoundError(f"{os.path.join(path, WEIGHTS_NAME)}: missing model weights")
-        model = MEFN.load(path, map_location=map_location)
-        state_path = os.path.join(path, "train_state.json")
-        if os.path.isfile(state_path):
-            with open(state_path) as f:
-                info = json.load(f)
-        tok_dirs = [os.path.join(path, TOKENIZER_DIR), os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_DIR)]
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint")
-        ckpt = load_checkpoint(path)
-        model = MEFN(**MEFN.config_kwargs(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        model.config = ckpt["model_config"]
-        info = {k: ckpt[k] for k in ("epoch", "step", "best_rsum", "train_config") if k in ckpt}
-        tok_dirs = [os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_DIR)]
-    if tokenizer is None:
-        found = [d for d in tok_dirs if os.path.isdir(d)]
-        if not found:
-            raise FileNotFoundError(f"no tokenizer saved beside {path} (looked in {', '.join(tok_dirs)}); pass one")
-        tokenizer = found[0]
-    return model, load_tokenizer(tokenizer), info
-
-
-def load_checkpoint(path: str) -> dict:
-    """A training checkpoint written by :mod:`mefn_fast.train` (plain tensors and Python values)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable mefn_fast training checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a mefn_fast training checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
 __all__ = ["encode_images", "encode_captions", "score_matrix", "split_metrics", "evaluate_split", "format_table",
            "topk_scores", "topk_split", "save_topk", "pair_entropy_map",
-           "result_json", "load_trained", "load_checkpoint", "METRIC_KEYS"]
+           "result_json", "METRIC_KEYS"]

@@ -246,7 +246,7 @@ def write_synth(root: str, cfg: Optional[SynthConfig] = None, png: bool = False,
     vocab = vocabulary()
     with open(os.path.join(root, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
-    meta = {"generator": "mefn_fast.data.synth", "config": dataclasses.asdict(cfg), "colours": COLOURS,
+    meta = {"generator": "mefn_fast.retrieval.data.synth", "config": dataclasses.asdict(cfg), "colours": COLOURS,
             "sizes": SIZES, "shapes": SHAPES, "captions_per_image": CAPTIONS_PER_IMAGE, "splits": {}}
     karpathy = {"dataset": "synth-scenes", "images": []}
     summary = {}
