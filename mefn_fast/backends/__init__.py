@@ -1,8 +1,18 @@
-"""Backend registry: what each backend supports, and readable reasons when it cannot run.
+"""The backends of ``xattn_similarity`` and the registry that picks one (the op layer).
 
-Modelled on xformers' dispatch: every backend declares the devices and dtypes it takes and
-returns a list of reasons for inputs it cannot serve. ``"auto"`` picks the first backend in
-preference order with no reasons; an explicit choice that cannot run raises a ``ValueError``
+- ``reference.py``: plain PyTorch, materialising, the ground truth every other backend is tested against;
+- ``cpu.py``: the C++ CPU op (``csrc/xattn_similarity.cpp``);
+- ``cuda.py``: the C++/CUDA op (``csrc/cuda/``), the same torch.library ops on the CUDA dispatch key;
+- ``triton.py``: the Triton kernels of :mod:`mefn_fast.kernels` as custom ops;
+- ``ext_ops.py``: the Python side of the C++ ops (fake kernels, autograd), shared by cpu and cuda;
+- ``build.py``: the record of how the extension was built.
+
+Modules here import only the op layer (``mefn_fast.options``, ``mefn_fast.kernels``, the compiled
+``mefn_fast._C``), never the model or the applications.
+
+The registry is modelled on xformers' dispatch: every backend declares the devices and dtypes it
+takes and returns a list of reasons for inputs it cannot serve. ``"auto"`` picks the first backend
+in preference order with no reasons; an explicit choice that cannot run raises a ``ValueError``
 listing them. ``python -m mefn_fast.info`` prints the same information.
 
 A backend's implementation is loaded lazily (nothing imports Triton, touches ``torch.cuda`` or
