@@ -108,7 +108,7 @@ BAD_FLAG_VALUES = [
     ["heatmap", "{model}", "--data", "{data}", "--image", "-1"],
     ["heatmap", "{model}", "--data", "{data}", "--dpi", "0"],
     ["synth", "{tmp}/s", "--png-size", "0"],
-    ["ablation", "--threads", "0"],
+    ["ablation", "--out", "{tmp}/abl", "--threads", "0"],
 ]
 
 
