@@ -18,6 +18,7 @@ Schemas (options as primitives so that the dispatcher, fake tensors and compile 
 
 The backward op returns an empty tensor (shape (0,)) in place of a gradient that is not needed.
 Nothing is saved from the forward beyond its inputs: the backward recomputes the cosine tiles.
+The backward op itself is not differentiable: a double backward raises (the reference has one).
 """
 from __future__ import annotations
 
@@ -72,6 +73,21 @@ def _backward(ctx, grad_scores):
 
 
 torch.library.register_autograd("mefn_fast::xattn_similarity_fwd", _backward, setup_context=_setup_context)
+
+
+# The backward op has no derivative of its own: differentiating a gradient (create_graph=True,
+# gradgradcheck) raises instead of silently treating the backward as a constant.
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.backend = "cpu" if inputs[1].device.type == "cpu" else "cuda"
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"double backward of xattn_similarity (differentiating its gradient) is not supported by "
+                       f"the {ctx.backend!r} backend; use backend='reference' for second derivatives")
+
+
+torch.library.register_autograd("mefn_fast::xattn_similarity_bwd", _no_double_backward,
+                                setup_context=_bwd_setup_context)
 
 
 def xattn_similarity(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor,

@@ -45,11 +45,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm over the last dim (kept), with finite derivatives of every order at a zero row.
+
+    ``vector_norm``'s first derivative at 0 is 0 but its second is NaN, which a double backward
+    through the padded (all-zero) rows would spread everywhere.
+    """
+    sq = (x * x).sum(-1, keepdim=True)
+    nonzero = sq > 0
+    return torch.where(nonzero, torch.sqrt(torch.where(nonzero, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
 def _masked_normalize(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the padded rows, then L2-normalise rows; returns (x_hat, mask)."""
+    """Zero the padded rows, then L2-normalise rows as ``F.normalize`` does (step 1); returns (x_hat, mask).
+
+    Each row is divided by its largest magnitude before squaring, so no finite row overflows (or
+    underflows) the dtype: ``x / max(|x|, eps) = y / max(|y|, eps / s)`` with ``y = x / s``. The
+    scale s is a constant for autograd: the function does not depend on it.
+    """
     mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
     x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.normalize(x, dim=-1, eps=NORM_EPS), mask
+    scale = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows (and NaN rows) stay as they are
+    y = x / scale
+    return y / torch.maximum(_norm(y), NORM_EPS / scale), mask
 
 
 def pair_function(c_hat, c_mask, q_hat, q_mask, lam: float, opts: XAttnOptions) -> PairMaps:
@@ -64,8 +83,7 @@ def pair_function(c_hat, c_mask, q_hat, q_mask, lam: float, opts: XAttnOptions) 
     qm = q_mask.unsqueeze(-2)  # (..., 1, m)
     if opts.attn_norm == "clipped_l2norm":
         P = torch.where(qm, F.leaky_relu(S, 0.1), torch.zeros((), dtype=S.dtype, device=S.device))
-        # vector_norm's backward is 0 (not NaN) for an all-zero row.
-        E = P / (torch.linalg.vector_norm(P, dim=-1, keepdim=True) + CLIP_EPS)
+        E = P / (_norm(P) + CLIP_EPS)  # padded context rows of P are 0
     else:
         E = S
     logits = torch.where(cm, lam * E, torch.full((), -math.inf, dtype=S.dtype, device=S.device))

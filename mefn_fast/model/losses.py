@@ -7,14 +7,20 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..options import _real
+
 
 def _check_scores(scores: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The positive mask: the diagonal, plus every pair that shares an image id."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor; got {type(scores).__name__}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be a floating-point tensor; got {scores.dtype}")
     if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores must be a square (B, B) matrix with positives on the diagonal; got {tuple(scores.shape)}")
     b = scores.shape[0]
+    if b == 0:
+        raise ValueError("scores is empty (0, 0): a loss needs at least one image-caption pair")
     eye = torch.eye(b, dtype=torch.bool, device=scores.device)
     if ids is None:
         return eye
@@ -68,10 +74,9 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
         super().__init__()
-        if not (math.isfinite(init_temperature) and init_temperature > 0):
-            raise ValueError(f"init_temperature must be > 0; got {init_temperature}")
+        init_temperature = _real("init_temperature", init_temperature, positive=True)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_scale = float(max_scale)
+        self.max_scale = _real("max_scale", max_scale, positive=True)
 
     def forward(self, scores: torch.Tensor, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         positive = _check_scores(scores, image_ids)

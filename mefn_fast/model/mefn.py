@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import xattn_similarity
+from ..api import check_lengths, xattn_similarity
 from ..options import make_options
 from .embeddings import ImageEmbeddings, TextEmbeddings
 from .encoders import PrecomputedRegionEncoder, TimmImageEncoder, build_text_encoder
@@ -100,12 +100,7 @@ class MEFN(nn.Module):
         """Regions (B, N, d), their lengths and the attention-pooled global vector."""
         regions = self.image_encoder(images)
         b, n, _ = regions.shape
-        if region_lengths is None:
-            region_lengths = torch.full((b,), n, dtype=torch.int64, device=regions.device)
-        else:
-            region_lengths = torch.as_tensor(region_lengths, device=regions.device).long()
-            if region_lengths.shape != (b,) or (b and (int(region_lengths.min()) < 1 or int(region_lengths.max()) > n)):
-                raise ValueError(f"region_lengths must be ({b},) ints in [1, {n}]")
+        region_lengths = check_lengths("region_lengths", region_lengths, b, n, regions.device)
         logits = regions @ self.global_query / math.sqrt(self.embed_dim)  # (B, N)
         logits = logits.masked_fill(~_lengths_mask(region_lengths, n), -math.inf)
         beta = torch.softmax(logits, dim=1)
