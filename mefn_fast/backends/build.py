@@ -37,7 +37,7 @@ def build_info() -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {"built": False, "cuda": False,
-                "reason": "no build record (this copy of mefn_fast was not installed by its setup.py)"}
+                "reason": "no build record: this copy of mefn_fast was not installed by its setup.py"}
 
 
 def _series(version: Optional[str]) -> Optional[tuple]:
