@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -130,6 +131,22 @@ def available_backends() -> list[str]:
 
 
 _announced: set = set()
+_fallback_warned: set = set()
+
+
+def _warn_reference_fallback(regions: torch.Tensor) -> None:
+    """Warn, once per backend, when ``"auto"`` lands on the slow reference for inputs that a
+    compiled backend would take but cannot load (its reason says why and what to do)."""
+    for b in BACKENDS.values():
+        if b.name == "reference" or b.name in _fallback_warned:
+            continue
+        reason = b.unavailable_reason()
+        if reason is not None and regions.device.type in b.devices and regions.dtype in b.dtypes:
+            _fallback_warned.add(b.name)
+            dtype = str(regions.dtype).replace("torch.", "")
+            warnings.warn(f"mefn_fast: backend='auto' falls back to the plain-PyTorch 'reference' backend "
+                          f"(much slower) for {regions.device.type} {dtype} inputs because the {b.name!r} "
+                          f"backend is unavailable: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def select_backend(name: str, regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> tuple[str, Impl]:
@@ -143,6 +160,8 @@ def select_backend(name: str, regions: torch.Tensor, words: torch.Tensor, opts: 
                 if key not in _announced:
                     _announced.add(key)
                     log.info("mefn_fast: backend='auto' chose %r for %s %s inputs", b.name, regions.device.type, regions.dtype)
+                if b.name == "reference":
+                    _warn_reference_fallback(regions)
                 return b.name, b.load()
             tried[b.name] = reasons
         raise ValueError("no backend can take these inputs: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in tried.items()))

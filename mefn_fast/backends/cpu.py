@@ -15,20 +15,17 @@ from . import BackendUnavailable
 from ..options import XAttnOptions
 
 
-def _build_reason() -> str:
-    from .build import build_info
-
-    info = build_info()
-    if info.get("built"):
-        return "the extension was built but mefn_fast._C does not import"
-    return f"C++ extension not built: {info.get('reason') or 'unknown reason'}"
-
-
 def load():
+    from .build import extension_problem
+
+    problem = extension_problem()
+    if problem is not None:
+        raise BackendUnavailable(problem)
     try:
         from . import ext_ops
     except ImportError as e:
-        raise BackendUnavailable(f"{_build_reason()} ({type(e).__name__}: {e})") from None
+        raise BackendUnavailable(f"the extension was built but mefn_fast._C does not import "
+                                 f"({type(e).__name__}: {e})") from None
     if not hasattr(torch.ops.mefn_fast, "xattn_similarity_fwd"):
         raise BackendUnavailable("mefn_fast._C loaded but did not register mefn_fast::xattn_similarity_fwd")
 

@@ -4,7 +4,8 @@ Importing this module loads ``mefn_fast._C`` (an empty Python module whose share
 registers the ops with ``TORCH_LIBRARY``) and attaches, device-agnostically, the fake (meta)
 kernels and the autograd formula, so the CPU kernels here and the CUDA kernels of
 ``csrc/cuda/`` share them and both work under ``torch.compile`` and pass
-``torch.library.opcheck``.
+``torch.library.opcheck``. When the build record says that library cannot be used with the
+running torch (``build.py``), the import raises ImportError with the reason and loads nothing.
 
     scores = xattn_similarity(regions, region_lengths, words, word_lengths, opts)
 
@@ -24,8 +25,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the library that registers the ops)
 from ..options import XAttnOptions
+from .build import extension_problem
+
+# never load a library built for another torch (its C++ ABI may differ): say why instead
+_problem = extension_problem()
+if _problem is not None:
+    raise ImportError(_problem)
+
+from .. import _C  # noqa: E402,F401  (loads the library that registers the ops)
 
 fwd_op = torch.ops.mefn_fast.xattn_similarity_fwd.default
 bwd_op = torch.ops.mefn_fast.xattn_similarity_bwd.default
