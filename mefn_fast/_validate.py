@@ -44,7 +44,12 @@ def check_lengths(name: str, lengths: Lengths, batch: int, max_len: int, device:
         raise ValueError(f"{name} must have shape ({batch},); got {tuple(lengths.shape)}")
     if lengths.device != device and lengths.device.type != "cpu":
         raise ValueError(f"{name} is on device {lengths.device} but the features are on {device}")
-    if batch:
+    if batch and torch.compiler.is_compiling():
+        # Reading the range would be a graph break: CPU lengths are checked inside the graph
+        # (RuntimeError); on a GPU the ops check them when they run (a device assert would be fatal).
+        if lengths.device.type == "cpu":
+            torch._assert_async(((lengths >= 1) & (lengths <= max_len)).all(), f"{name} must lie in [1, {max_len}]")
+    elif batch:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > max_len:
             raise ValueError(f"{name} must lie in [1, {max_len}]; got values in [{lo}, {hi}]")
