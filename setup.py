@@ -139,7 +139,7 @@ setup(
     # mefn_fast.kernels, beside csrc/ (C++/CUDA) and mefn_fast/ (Python).
     packages=find_packages(include=["mefn_fast", "mefn_fast.*"]) + ["mefn_fast.kernels"],
     package_dir={"mefn_fast.kernels": "kernels"},
-    package_data={"mefn_fast": ["_build_info.json"]},
+    package_data={"mefn_fast": ["_build_info.json", "py.typed"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={

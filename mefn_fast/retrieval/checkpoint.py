@@ -2,7 +2,7 @@
 
 A run folder of ``mefn-fast train`` holds ``last.pt`` (the training checkpoint: model configuration
 and weights, optimizer, scheduler, scaler and RNG states, the position in the epoch), ``best/`` (the
-model selected on the dev split, as :meth:`mefn_fast.MEFN.save` writes it, with
+model selected on the dev split, as :meth:`mefn_fast.MEFN.save_pretrained` writes it, with
 ``train_state.json``) and ``tokenizer/``.
 """
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..model import CONFIG_NAME, MEFN, WEIGHTS_NAME
+from ..model import CONFIG_NAME, MEFN, TOKENIZER_DIR
 from ..model.text import load_tokenizer
 
 CHECKPOINT_FORMAT = "mefn_fast.train/1"
-TOKENIZER_DIR = "tokenizer"
 
 
 def checkpoint_path(path: str) -> str:
@@ -31,7 +30,7 @@ def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None)
     """(model, tokenizer, training info) from what ``mefn-fast train`` wrote.
 
     ``path`` is a run folder (its ``best/`` model, else ``last.pt``), a model folder written by
-    :meth:`MEFN.save` (``config.json`` + ``weights.pt``, tokenizer in ``tokenizer/``) or a training
+    :meth:`MEFN.save_pretrained` (``config.json``, ``model.safetensors``, ``tokenizer/``) or a training
     checkpoint ``.pt``. ``tokenizer`` overrides the saved tokenizer (a folder, vocab.txt or name).
     """
     path = os.fspath(path)
@@ -42,12 +41,10 @@ def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None)
         elif os.path.isfile(os.path.join(path, "last.pt")):
             path = os.path.join(path, "last.pt")
         else:
-            raise FileNotFoundError(f"{path}: neither a model folder (config.json, weights.pt), a run folder "
+            raise FileNotFoundError(f"{path}: neither a model folder (config.json, model.safetensors), a run folder "
                                     "(best/ or last.pt) nor a checkpoint")
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            raise FileNotFoundError(f"{os.path.join(path, WEIGHTS_NAME)}: missing model weights")
-        model = MEFN.load(path, map_location=map_location)
+        model = MEFN.from_pretrained(path, map_location=map_location)
         state_path = os.path.join(path, "train_state.json")
         if os.path.isfile(state_path):
             with open(state_path) as f:
