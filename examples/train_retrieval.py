@@ -5,8 +5,8 @@ caption strings), the offline all-MiniLM-L6-v2 text encoder and its tokenizer fr
 ``mefn_fast.load_text_encoder``, AdamW, a ``torch.compile``d loss, gallery scoring in blocks, the
 retrieval metrics, and a ``save_pretrained`` / ``from_pretrained`` round trip.
 
-    python examples/train_retrieval.py                       # 60 steps, about a minute on a CPU
-    python examples/train_retrieval.py --steps 5 --compile-backend aot_eager   # a quick check
+    python examples/train_retrieval.py                       # 60 steps, compiled with Inductor
+    python examples/train_retrieval.py --steps 8 --compile-backend aot_eager   # a quick check, no codegen
 
 The data are toy "scenes": each image holds two objects, each a colour and a shape; a region
 feature is the sum of a random vector per concept plus noise, and the other regions are
