@@ -244,6 +244,8 @@ def test_half_precision_on_the_cpu_takes_the_cpu_op(dtype, unit_roundoff, monkey
     s.sum().backward()
     s32.sum().backward()
     assert r.grad.dtype == dtype and torch.equal(r.grad, r32.grad.to(dtype)) and torch.equal(w.grad, w32.grad.to(dtype))
+    with pytest.raises(TypeError, match=rf"regions \({dtype}\) and words \(torch.float32\) must have the same dtype"):
+        mefn_fast.xattn_similarity(r, rl, w32, wl)
 
 
 # ----------------------------------------------------------------------------- typing
