@@ -294,6 +294,7 @@ setup(
     # from the source tree (where an earlier in-place build may have left one).
     include_package_data=False,
     exclude_package_data={"mefn_fast": [RECORD_NAME]},
+    package_data={"mefn_fast": ["py.typed"]},  # PEP 561: the package ships type hints
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
     extras_require={

@@ -49,7 +49,12 @@ def check_lengths(name: str, lengths: Lengths, batch: int, max_len: int, device:
         raise ValueError(f"{name} is on device {lengths.device} but the features are on {device}")
     if lengths.dtype in _UNSIGNED_WIDE:  # no min/max kernels; uint64 beyond int64 must not wrap
         lengths = lengths.to(torch.float64 if lengths.dtype == torch.uint64 else torch.int64)
-    if batch:
+    if batch and torch.compiler.is_compiling():
+        # Reading the range would be a graph break: CPU lengths are checked inside the graph
+        # (RuntimeError); on a GPU the ops check them when they run (a device assert would be fatal).
+        if lengths.device.type == "cpu":
+            torch._assert_async(((lengths >= 1) & (lengths <= max_len)).all(), f"{name} must lie in [1, {max_len}]")
+    elif batch:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > max_len:
             raise ValueError(f"{name} must lie in [1, {max_len}]; got values in [{lo}, {hi}]")

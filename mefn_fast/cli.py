@@ -173,7 +173,7 @@ def _train_run(args) -> int:
 # ---------------------------------------------------------------------------------- evaluate
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder of 'mefn-fast train' (its best/ model), a model folder "
-                                      "(config.json, weights.pt) or a checkpoint last.pt")
+                                      "(config.json, model.safetensors) or a checkpoint last.pt")
     p.add_argument("--data", required=True, help="SCAN precomputed folder or Karpathy-split JSON file")
     p.add_argument("--split", default="test", help="split to evaluate (train, dev, test, testall)")
     p.add_argument("--image-root", help="images of a Karpathy JSON (default: the JSON's folder)")
@@ -293,7 +293,7 @@ def _evaluate(args, ctx) -> int:
 # ---------------------------------------------------------------------------------- heatmap
 def _heatmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder of 'mefn-fast train' (its best/ model), a model folder "
-                                      "(config.json, weights.pt) or a checkpoint last.pt")
+                                      "(config.json, model.safetensors) or a checkpoint last.pt")
     p.add_argument("--data", required=True, help="SCAN precomputed folder or Karpathy-split JSON file")
     p.add_argument("--split", default="test", help="split that holds the pair (train, dev, test, testall)")
     p.add_argument("--image", type=natural_int, default=0, help="index of the image in the split")

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from mefn_fast.retrieval.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_trained
 from mefn_fast.retrieval.data import SynthConfig, write_synth
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
     train(cfg, log=lambda *_: None)
     run = root / "run"
     assert {"last.pt", "best", "tokenizer"} <= set(os.listdir(run))
-    assert {"config.json", "weights.pt", "train_state.json"} <= set(os.listdir(run / "best"))
+    assert {"config.json", "model.safetensors", "train_state.json"} <= set(os.listdir(run / "best"))
     return run, data
 
 
@@ -47,6 +48,16 @@ def _truncate(path, keep=0.5):
 
 class Unsafe:
     """A Python object that a weights-only load refuses."""
+
+
+def _legacy(best, state):
+    """Turn ``best`` into a folder of the first format (config.json without a format key, torch.save'd
+    ``weights.pt``) holding ``state``."""
+    config = json.loads((best / "config.json").read_text())
+    config.pop("mefn_fast_format")
+    (best / "config.json").write_text(json.dumps(config))
+    os.remove(best / "model.safetensors")
+    torch.save(state, best / "weights.pt")
 
 
 def _assert_error(exc, match, call):
@@ -124,17 +135,17 @@ def test_resume_from_a_missing_checkpoint_names_it(run, trained):
 # ----------------------------------------------------------------------------- best/ (a model folder)
 @pytest.mark.parametrize("damage,exc,match", [
     (lambda b: os.remove(b / "config.json"), FileNotFoundError, "best/config.json: missing"),
-    (lambda b: os.remove(b / "weights.pt"), FileNotFoundError, "best/weights.pt: missing"),
+    (lambda b: os.remove(b / "model.safetensors"), FileNotFoundError, "best/model.safetensors: missing"),
     (lambda b: (b / "config.json").write_text("{\"embed_dim\": 8,"), ValueError, "best/config.json: not valid JSON"),
     (lambda b: (b / "config.json").write_bytes(b"\xff\xfe\x00garbage"), ValueError, "best/config.json: not"),
-    (lambda b: (b / "config.json").write_text("[1, 2]"), ValueError, "best/config.json: the model configuration must be a JSON object; got an array"),
-    (lambda b: (b / "config.json").write_text("{}"), ValueError, "best/config.json: does not describe a MEFN model"),
-    (lambda b: _truncate(b / "weights.pt"), ValueError, "best/weights.pt: not a readable weights file"),
-    (lambda b: (b / "weights.pt").write_bytes(b"garbage"), ValueError, "best/weights.pt: not a readable weights file"),
-    (lambda b: (b / "weights.pt").write_bytes(b""), ValueError, "best/weights.pt: not a readable weights file"),
-    (lambda b: torch.save({"x": Unsafe()}, b / "weights.pt"), ValueError, "best/weights.pt: .*Python objects"),
-    (lambda b: torch.save({"fusion_logit": torch.zeros(())}, b / "weights.pt"), ValueError,
-     "best/weights.pt: the weights do not fit the model of .*best/config.json"),
+    (lambda b: (b / "config.json").write_text("[1, 2]"), ValueError, "best/config.json: a MEFN configuration is a JSON object"),
+    (lambda b: (b / "config.json").write_text("{}"), ValueError, "best/config.json: not a complete MEFN configuration"),
+    (lambda b: _truncate(b / "model.safetensors"), ValueError, "best/model.safetensors: unreadable model weights"),
+    (lambda b: (b / "model.safetensors").write_bytes(b"garbage"), ValueError, "best/model.safetensors: unreadable"),
+    (lambda b: (b / "model.safetensors").write_bytes(b""), ValueError, "best/model.safetensors: unreadable"),
+    (lambda b: _legacy(b, {"x": Unsafe()}), ValueError, "best/weights.pt: unreadable model weights: .*Python objects"),
+    (lambda b: save_file({"fusion_logit": torch.zeros(())}, str(b / "model.safetensors")), ValueError,
+     "best/model.safetensors: the weights do not fit the configuration beside them"),
     (lambda b: (b / "train_state.json").write_text("{\"epoch\": 1, \"st"), ValueError,
      "best/train_state.json: not valid JSON"),
     (lambda b: (b / "train_state.json").write_text("null"), ValueError, "best/train_state.json: .* must be a JSON object; got null"),
@@ -149,7 +160,8 @@ def test_damaged_best_model(run, damage, exc, match):
 def test_empty_best_folder_is_reported(run):
     shutil.rmtree(run / "best")
     os.mkdir(run / "best")
-    _assert_error(FileNotFoundError, "best/config.json: missing.*incomplete model folder", lambda: load_trained(str(run)))
+    _assert_error(FileNotFoundError, "best/config.json: missing; a saved MEFN folder holds",
+                  lambda: load_trained(str(run)))
 
 
 def test_missing_or_damaged_tokenizer(run):
@@ -172,4 +184,4 @@ def test_intact_run_folder_still_loads(run, trained):
     model2, _, info2 = load_trained(str(run / "last.pt"))
     assert info2["step"] == 5
     ref = json.loads((run / "best" / "config.json").read_text())
-    assert model.config == ref
+    assert ref.pop("mefn_fast_format") == 1 and model.config == ref

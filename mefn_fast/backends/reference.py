@@ -147,12 +147,14 @@ def xattn_similarity_reference(
     r_hat, r_mask = _masked_normalize(regions.to(cdt), region_lengths)
     w_hat_all, w_mask_all = _masked_normalize(words.to(cdt), word_lengths)
 
+    trim = not torch.compiler.is_compiling()  # reading the longest caption is a host sync: not under compile
     columns = []
     for start in range(0, b_txt, chunk_size):
         w_hat = w_hat_all[start:start + chunk_size]
         w_mask = w_mask_all[start:start + chunk_size]
-        m_chunk = int(word_lengths[start:start + chunk_size].max())  # trim padding beyond the chunk's longest
-        w_hat, w_mask = w_hat[:, :m_chunk], w_mask[:, :m_chunk]
+        if trim:  # drop the padding beyond the chunk's longest caption
+            m_chunk = int(word_lengths[start:start + chunk_size].max())
+            w_hat, w_mask = w_hat[:, :m_chunk], w_mask[:, :m_chunk]
         parts = []
         if opts.direction in ("t2i", "both"):
             parts.append(pair_function(r_hat[:, None], r_mask[:, None], w_hat[None], w_mask[None], opts.lambda_t2i, opts).score)

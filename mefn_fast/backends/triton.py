@@ -53,6 +53,13 @@ def _check_device(t: torch.Tensor) -> None:
                            "set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors")
 
 
+def _check_lengths(name: str, lengths: torch.Tensor, max_len: int) -> None:
+    """The lengths' range, read when the op runs: under torch.compile the caller's Python check is
+    skipped, and a length beyond the tile would make the kernels read past the item."""
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        raise ValueError(f"{name} must lie in [1, {max_len}]")
+
+
 def _opts(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse) -> dict:
     return dict(direction=direction, lambda_t2i=lambda_t2i, lambda_i2t=lambda_i2t, attn_norm=attn_norm,
                 mfe=mfe, tau=tau, agg=agg, lambda_lse=lambda_lse)
@@ -63,6 +70,8 @@ def xattn_similarity_op(regions: torch.Tensor, region_lengths: torch.Tensor, wor
                         word_lengths: torch.Tensor, direction: str, lambda_t2i: float, lambda_i2t: float,
                         attn_norm: str, mfe: bool, tau: float, agg: str, lambda_lse: float) -> torch.Tensor:
     _check_device(regions)
+    _check_lengths("region_lengths", region_lengths, regions.shape[1])
+    _check_lengths("word_lengths", word_lengths, words.shape[1])
     scores = _kernels().xattn_similarity_forward(
         regions.contiguous(), region_lengths.contiguous(), words.contiguous(), word_lengths.contiguous(),
         _opts(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse))

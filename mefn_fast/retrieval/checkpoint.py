@@ -2,11 +2,11 @@
 
 A run folder of ``mefn-fast train`` holds ``last.pt`` (the training checkpoint: model configuration
 and weights, optimizer, scheduler, scaler and RNG states, the position in the epoch), ``best/`` (the
-model selected on the dev split, as :meth:`mefn_fast.MEFN.save` writes it, with
+model selected on the dev split, as :meth:`mefn_fast.MEFN.save_pretrained` writes it, with
 ``train_state.json``) and ``tokenizer/``.
 
-Everything is read with ``torch.load(weights_only=True)`` (tensors and plain Python values only).
-A file that is missing, truncated, corrupted, of another format version or incomplete is a
+Checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain Python values only),
+model folders with :meth:`mefn_fast.MEFN.from_pretrained` (safetensors). A file that is missing, truncated, corrupted, of another format version or incomplete is a
 ``FileNotFoundError`` or ``ValueError`` that names the file and says what is wrong with it.
 """
 from __future__ import annotations
@@ -21,21 +21,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..model import CONFIG_NAME, MEFN, WEIGHTS_NAME
+from ..model import CONFIG_NAME, MEFN, TOKENIZER_DIR, WEIGHTS_NAME
+from ..model.mefn import error_summary
 from ..model.text import load_tokenizer
 
 CHECKPOINT_NAME, CHECKPOINT_VERSION = "mefn_fast.train", 1
 CHECKPOINT_FORMAT = f"{CHECKPOINT_NAME}/{CHECKPOINT_VERSION}"
 # what every checkpoint of this format holds (the trainer writes more, optional, keys)
 CHECKPOINT_KEYS = ("model_config", "model", "optimizer", "scheduler", "rng", "step", "epoch", "best_rsum", "history")
-TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_NAME = "train_state.json"
-
-
-def error_summary(e: BaseException) -> str:
-    """An exception's message, one line, without torch's advice to load unsafely."""
-    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return type(e).__name__ if not line or "weights_only" in line else f"{type(e).__name__}: {line}"
 
 
 def load_torch_file(path: str, what: str):
@@ -85,7 +79,7 @@ def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None)
     """(model, tokenizer, training info) from what ``mefn-fast train`` wrote.
 
     ``path`` is a run folder (its ``best/`` model, else ``last.pt``), a model folder written by
-    :meth:`MEFN.save` (``config.json`` + ``weights.pt``, tokenizer in ``tokenizer/``) or a training
+    :meth:`MEFN.save_pretrained` (``config.json``, ``model.safetensors``, ``tokenizer/``) or a training
     checkpoint ``.pt``. ``tokenizer`` overrides the saved tokenizer (a folder, vocab.txt or name).
     A missing or damaged file raises ``FileNotFoundError`` / ``ValueError`` naming it; a run
     folder whose ``best/`` is incomplete is an error, not a silent fall-back to ``last.pt``.
@@ -100,10 +94,10 @@ def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None)
         elif os.path.isfile(os.path.join(path, "last.pt")):
             path = os.path.join(path, "last.pt")
         elif not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            raise FileNotFoundError(f"{path}: neither a model folder (config.json, weights.pt), a run folder "
-                                    "(best/ or last.pt) nor a checkpoint")
+            raise FileNotFoundError(f"{path}: neither a model folder ({CONFIG_NAME}, {WEIGHTS_NAME}), a run "
+                                    "folder (best/ or last.pt) nor a checkpoint")
     if os.path.isdir(path):
-        model = load_model_folder(path, map_location)
+        model = MEFN.from_pretrained(path, map_location=map_location)  # names a missing or damaged file
         state_path = os.path.join(path, TRAIN_STATE_NAME)
         if os.path.isfile(state_path):
             info = read_json_object(state_path, "the training state of the saved model")
@@ -119,42 +113,6 @@ def load_trained(path: str, map_location="cpu", tokenizer: Optional[str] = None)
             raise FileNotFoundError(f"no tokenizer saved beside {path} (looked in {', '.join(tok_dirs)}); pass one")
         tokenizer = found[0]
     return model, load_tokenizer(tokenizer), info
-
-
-def _is_torch_archive(path: str) -> bool:
-    """Whether ``path`` is a whole ``torch.save`` zip archive (checked without reading the tensors)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_model_folder(path: str, map_location="cpu") -> MEFN:
-    """:meth:`MEFN.load` of a model folder, with each way it can be damaged named by file."""
-    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    for p in (config_path, weights_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: missing; {path} is an incomplete model folder "
-                                    f"(a saved model has {CONFIG_NAME} and {WEIGHTS_NAME})")
-    read_json_object(config_path, "the model configuration")
-    if not _is_torch_archive(weights_path):
-        raise ValueError(f"{weights_path}: not a readable weights file: truncated, corrupted or not written by "
-                         "torch.save")
-    try:
-        return MEFN.load(path, map_location=map_location)
-    except (ValueError, FileNotFoundError) as e:
-        if path in str(e):  # already names the file
-            raise
-        raise ValueError(f"{config_path}: does not describe a MEFN model ({error_summary(e)})") from e
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{config_path}: does not describe a MEFN model ({error_summary(e)})") from e
-    except pickle.UnpicklingError:
-        raise ValueError(f"{weights_path}: not a readable weights file: it holds Python objects other than "
-                         "tensors and plain values, which are never loaded") from None
-    except RuntimeError as e:
-        what = "do not fit" if "state_dict" in str(e) else "are unreadable for"
-        raise ValueError(f"{weights_path}: the weights {what} the model of {config_path} ({error_summary(e)})") from e
 
 
 def load_checkpoint(path: str) -> dict:
