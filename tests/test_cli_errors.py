@@ -33,7 +33,7 @@ def files(tmp_path_factory):
     (root / "broken").mkdir()
     model.save(root / "broken")
     tok.save_pretrained(str(root / "broken" / "tokenizer"))
-    (root / "broken" / "weights.pt").write_bytes(b"\x00" * 100)
+    (root / "broken" / "model.safetensors").write_bytes(b"\x00" * 100)
     (root / "bad_data").mkdir()
     np.save(root / "bad_data" / "test_ims.npy", np.zeros((2, 3), dtype=np.float32))  # 2-D, not (n, regions, F)
     (root / "bad_data" / "test_caps.txt").write_text("a\n" * 10)
@@ -61,7 +61,7 @@ def _one_error_line(capsys, expect):
 
 USER_MISTAKES = [
     (["evaluate", "{tmp}/nope", "--data", "{data}"], "nope: no such run folder"),
-    (["evaluate", "{broken}", "--data", "{data}"], "weights.pt: not a readable weights file"),
+    (["evaluate", "{broken}", "--data", "{data}"], "model.safetensors: unreadable model weights"),
     (["evaluate", "{garbage_pt}", "--data", "{data}"], "garbage.pt: not a readable mefn_fast training checkpoint"),
     (["evaluate", "{model}", "--data", "{tmp}/no_data"], "no_data: no such data folder"),
     (["evaluate", "{model}", "--data", "{bad_data}"], "test_ims.npy: expected a float array"),
