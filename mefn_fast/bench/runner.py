@@ -234,8 +234,10 @@ def check_against_reference(w: Workload, name: str, device: str, dtype: torch.dt
 
 
 def peak_extra_memory(w: Workload, name: str, device: str, dtype_name: str) -> Optional[float]:
-    """Peak extra memory (bytes) of one pass on the CPU, measured in a fresh subprocess."""
-    cmd = [sys.executable, "-m", "mefn_fast.bench", "--_memory", json.dumps(asdict(w)), name, device, dtype_name]
+    """Peak extra memory (bytes) of one pass on the CPU, measured in a fresh subprocess (with this
+    process's thread count)."""
+    cmd = [sys.executable, "-m", "mefn_fast.bench", "--_memory", json.dumps(asdict(w)), name, device, dtype_name,
+           str(torch.get_num_threads())]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
         return float(out.strip().splitlines()[-1])
@@ -255,7 +257,8 @@ def _cuda_peak_extra(step) -> float:
     return float(peak)
 
 
-def _memory_child(spec: str, name: str, device: str, dtype_name: str) -> None:
+def _memory_child(spec: str, name: str, device: str, dtype_name: str, threads: str) -> None:
+    torch.set_num_threads(int(threads))
     w = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec).items()})
     dtype = DTYPES[dtype_name]
     peers = make_peers()
@@ -701,6 +704,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5, quick 3)")
     p.add_argument("--quick", action="store_true", help=f"reduced sizes ({QUICK_FACTOR}x images and captions), fewer repeats")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); on a shared machine 1 keeps other jobs from stalling "
+                        "the parallel regions of many small eager operations")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no workload after this many seconds (the rest are listed as not run)")
     p.add_argument("--compile-budget-s", type=float, default=None,
@@ -723,9 +729,11 @@ def run(args: argparse.Namespace, resize: Optional[Callable[[Workload], Workload
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
     repeats = args.repeats or (3 if args.quick else 5)
-    if repeats < 1:
-        print("error: --repeats must be >= 1", file=sys.stderr)
+    if repeats < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --repeats and --threads must be >= 1", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick and resize is None:
         resize = lambda w: w.scaled(QUICK_FACTOR)  # noqa: E731
     env = environment()
@@ -762,7 +770,7 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--_memory"]:  # internal: one measurement in a fresh process
-        _memory_child(*argv[1:5])
+        _memory_child(*argv[1:6])
         return 0
     p = argparse.ArgumentParser(prog="python -m mefn_fast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
