@@ -86,6 +86,7 @@ class Check:
     dry_run: bool
     budget_s: float
     skip_build: bool = False
+    repo: str = REPO  # the tree the stages run in
     start: float = field(default_factory=time.time)
     work: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="gpu-check-"))
     stages: list = field(default_factory=list)
@@ -112,6 +113,10 @@ class Check:
 
     def log(self, name: str) -> str:
         return os.path.join(self.out, name)
+
+    def run(self, cmd: list, timeout: float, log: str, **env) -> tuple:
+        """:func:`run_cmd` in the tree, with the stages' environment and ``env`` on top."""
+        return run_cmd(cmd, timeout, log, env=self.env(**env), cwd=self.repo)
 
 
 def stage_limit(check: Check, number: int) -> float:
@@ -210,7 +215,7 @@ def stage_environment(check: Check, st: Stage) -> None:
         run_cmd([nvcc, "--version"], min(10, st.limit_s / 4), log)
         facts["nvcc"] = _grep_file(log, r"release ([0-9.]+)")
     facts["compute_sanitizer"] = _which("compute-sanitizer")
-    rc, timed_out, _ = run_cmd([check.python, "-c", _ENV_SCRIPT], deadline - time.time(), log, env=check.env())
+    rc, timed_out, _ = check.run([check.python, "-c", _ENV_SCRIPT], deadline - time.time(), log)
     line = _grep_file(log, r"^FACTS (.*)$")
     if line:
         facts.update(json.loads(line))
@@ -265,22 +270,23 @@ def stage_build(check: Check, st: Stage) -> None:
         how = f"{why}: the installed package, not rebuilt"
         st.status = "skipped"
     else:
-        # pip gets the stage less a minute; a failure that comes early leaves the in-place build more
-        rc, timed_out, secs = run_cmd(pip, max(1.0, deadline - time.time() - 60), log, env=check.env(**build_env))
+        # pip gets the stage but the 15 s of the info below; the in-place build gets what a failing
+        # pip leaves (both compile the same sources from scratch, so after a timeout none is left)
+        rc, timed_out, secs = check.run(pip, max(1.0, deadline - time.time() - 15), log, **build_env)
         if rc == 0 and not timed_out:
             how, st.status = "pip install -e . ok", "ok"
         else:
             first = f"pip install {'timed out' if timed_out else f'failed (exit {rc})'} after {secs:.0f} s"
-            rc, timed_out, _ = run_cmd(inplace, deadline - time.time(), log, env=check.env(**build_env))
-            check.extra_env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+            rc, timed_out, _ = check.run(inplace, deadline - time.time() - 15, log, **build_env)
             ok = rc == 0 and not timed_out
-            how = f"{first}; in-place build {'ok' if ok else 'timed out' if timed_out else f'failed (exit {rc})'}"
+            how = (f"{first}; in-place build {'ok' if ok else 'timed out' if timed_out else f'failed (exit {rc})'}; "
+                   "the package runs from the tree")
             st.status = "ok" if ok else ("timed out" if timed_out else "failed")
-            if ok:
-                _link_kernels(check, log)
+            # from the tree, with or without its extension: the reference and Triton backends still run
+            check.extra_env["PYTHONPATH"] = check.repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+            _link_kernels(check, log)
     info_log = os.path.join(check.work, "info.txt")
-    run_cmd([check.python, "-m", "mefn_fast.info"], min(60.0, max(10.0, deadline - time.time())), info_log,
-            env=check.env())
+    check.run([check.python, "-m", "mefn_fast.info"], min(60.0, max(10.0, deadline - time.time())), info_log)
     with open(info_log, errors="replace") as f:
         info = f.read()
     with open(log, "a") as f:
@@ -293,12 +299,9 @@ def stage_build(check: Check, st: Stage) -> None:
 
 
 def _link_kernels(check: Check, log: str) -> None:
-    """Run from the tree (in-place build), ``mefn_fast.kernels`` is the top-level ``kernels/``: link it."""
-    probe = [check.python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('mefn_fast.kernels') is None)"]
-    if subprocess.run(probe, cwd=REPO, env=check.env(), capture_output=True).returncode == 0:
-        return
-    link = os.path.join(REPO, "mefn_fast", "kernels")
-    if not os.path.exists(link) and os.path.isdir(os.path.join(REPO, "kernels")):
+    """Run from the tree, ``mefn_fast.kernels`` (installed from the top-level ``kernels/``) is missing: link it."""
+    link = os.path.join(check.repo, "mefn_fast", "kernels")
+    if not os.path.lexists(link) and os.path.isdir(os.path.join(check.repo, "kernels")):
         os.symlink(os.path.join("..", "kernels"), link)
         with open(log, "a") as f:
             f.write("[gpu check] mefn_fast/kernels -> ../kernels linked for the package run from the tree\n")
@@ -314,7 +317,7 @@ def stage_tests(check: Check, st: Stage, backend: str) -> None:
     if check.env_facts.get("pytest_timeout"):
         cmd.insert(-1, f"--timeout={PER_TEST_TIMEOUT_S[backend]}")
     start = os.path.getsize(log) if os.path.exists(log) else 0
-    rc, timed_out, _ = run_cmd(cmd, st.limit_s, log, env=check.env(MEFN_TRITON_SINGLE_CONFIG="1"))
+    rc, timed_out, _ = check.run(cmd, st.limit_s, log, MEFN_TRITON_SINGLE_CONFIG="1")
     results = parse_junit(xml, TEST_FILES[backend]) if os.path.exists(xml) else None
     from_log = results is None
     if from_log:  # pytest was stopped before it wrote its report: read the verbose lines
@@ -385,7 +388,7 @@ def stage_bench(check: Check, st: Stage) -> None:
            "--compile-budget-s", str(COMPILE_BUDGET_S)]
     if check.dry_run:
         cmd.append("--dry-run")
-    rc, timed_out, _ = run_cmd(cmd, st.limit_s, log, env=check.env(MEFN_TRITON_SINGLE_CONFIG="1", TQDM_DISABLE="1"))
+    rc, timed_out, _ = check.run(cmd, st.limit_s, log, MEFN_TRITON_SINGLE_CONFIG="1", TQDM_DISABLE="1")
     device = "cpu" if check.dry_run else "cuda"
     path = os.path.join(out, f"bench-{device}.json")
     if os.path.exists(path):
@@ -450,7 +453,7 @@ def stage_sanitizer(check: Check, st: Stage) -> None:
         cmd = [tool, f"--tool={kind}", "--error-exitcode=99", *(["--leak-check=no"] if kind == "memcheck" else []),
                check.python, "benchmarks/gpu_check.py", "--sanitizer-case", backend]
         start = os.path.getsize(log)
-        rc, timed_out, secs = run_cmd(cmd, min(left, 40.0), log, env=check.env(MEFN_TRITON_SINGLE_CONFIG="1"))
+        rc, timed_out, secs = check.run(cmd, min(left, 40.0), log, MEFN_TRITON_SINGLE_CONFIG="1")
         with open(log, errors="replace") as f:
             f.seek(start)
             text = f.read()
@@ -532,7 +535,7 @@ def write_summary(check: Check) -> str:
     f = check.env_facts
     elapsed = time.time() - check.start
     lines = [f"# mefn_fast GPU check{' (dry run: no GPU)' if check.dry_run else ''}", "",
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}; commit {_commit()}; GPU {f.get('gpu') if check.gpu() else 'none'}, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}; commit {_commit(check.repo)}; GPU {f.get('gpu') if check.gpu() else 'none'}, "
              f"driver {f.get('driver') or '-'}; torch {f.get('torch')}, triton {f.get('triton')}, nvcc {f.get('nvcc') or '-'}; "
              f"{elapsed:.0f} s of a {check.budget_s:.0f} s budget."]
     stages = ["## Stages", "", "| # | stage | status | seconds | limit s | detail | log |", "|---|---|---|---|---|---|---|"]
@@ -568,9 +571,9 @@ def write_summary(check: Check) -> str:
     return "\n\n".join("\n".join(part) for part in (bench, failures, lines, stages, verdict_part)) + "\n"
 
 
-def _commit() -> str:
+def _commit(repo: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

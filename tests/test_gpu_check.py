@@ -91,12 +91,19 @@ def test_dry_run_rows_and_tests(dry_run):
 
 
 def test_a_failing_interpreter_fails_every_stage_but_the_summary(tmp_path):
-    """No torch (here: an interpreter that always fails): each stage is recorded and the next still runs."""
-    check = gc.run_check(gc.Check(out=str(tmp_path), python="/bin/false", dry_run=False, budget_s=120))
+    """No torch (here: an interpreter that always fails): each stage is recorded and the next still
+    runs; after the failed builds the package runs from the tree, its kernels/ linked in."""
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    (tree / "mefn_fast").mkdir(parents=True)
+    (tree / "kernels").mkdir()
+    check = gc.run_check(gc.Check(out=str(out), python="/bin/false", dry_run=False, budget_s=120, repo=str(tree)))
     assert [s.name for s in check.stages] == STAGE_NAMES
     assert [s.status for s in check.stages[:5]] == ["failed"] * 5 and check.stages[-1].status == "ok"
-    assert sorted(os.listdir(tmp_path)) == FILES
-    assert "not measured" in (tmp_path / "summary.md").read_text()
+    assert "pip install failed (exit 1)" in check.stages[1].detail and "in-place build failed" in check.stages[1].detail
+    assert os.readlink(tree / "mefn_fast" / "kernels") == os.path.join("..", "kernels")
+    assert check.extra_env["PYTHONPATH"].startswith(str(tree))
+    assert sorted(os.listdir(out)) == FILES
+    assert "not measured" in (out / "summary.md").read_text()
 
 
 def test_a_command_past_its_limit_is_stopped(tmp_path):
