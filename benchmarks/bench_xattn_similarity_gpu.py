@@ -27,8 +27,8 @@ from mefn_fast.bench import runner, targets
 
 
 def tiny(w: runner.Workload) -> runner.Workload:
-    """A seconds-long version of a workload (2 images x 20 captions, d <= 32, N <= 40)."""
-    return replace(w, b_img=2, b_txt=20, n=min(w.n, 40), d=min(w.d, 32))
+    """A second-long version of a workload (2 images x 8 captions, d <= 32, N <= 40)."""
+    return replace(w, b_img=2, b_txt=8, n=min(w.n, 40), d=min(w.d, 32))
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     runner.add_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="the GPU plan at tiny sizes on the CPU")
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (2 if args.dry_run else 3)
+    args.repeats = args.repeats or (1 if args.dry_run else 3)
     plan = runner.plan_for("cuda", args.workloads)
     resize = None
     if args.dry_run:

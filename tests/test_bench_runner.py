@@ -233,3 +233,16 @@ def test_sorted_peers_are_sliced_in_whole_chunks(monkeypatch):
     assert bench.timed_captions(w, "sorted-eager") == 32 and bench.timed_captions(w, "sorted-compiled") == 32
     monkeypatch.setattr(bench, "SORTED_MAX_PAIRS", 10 * 5)
     assert bench.timed_captions(w, "sorted-eager") == bench_peers.CHUNK
+
+
+def test_threads_flag(tmp_path):
+    before = torch.get_num_threads()
+    p = bench.argparse.ArgumentParser()
+    bench.add_arguments(p)
+    try:
+        assert bench.run(p.parse_args(["--threads", "0"])) == 2
+        assert bench.run(p.parse_args(["--threads", "1", "--out", str(tmp_path)]), plan=[]) == 0
+        assert torch.get_num_threads() == 1
+        assert bench.peak_extra_memory(TINY, "reference", "cpu", "fp32") is not None  # the child takes the count too
+    finally:
+        torch.set_num_threads(before)

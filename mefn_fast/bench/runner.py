@@ -217,24 +217,27 @@ def _time_once(step, device: str) -> tuple:
 
 def check_against_reference(w: Workload, name: str, device: str, dtype: torch.dtype,
                             peers: Optional[dict] = None) -> float:
-    """Max |name - reference| on a small version of the workload (scores and gradients).
+    """Max |name - reference| on a small version of the workload: scores and gradients (a peer on a
+    forward workload: scores only, so that the compiled peer compiles only what is timed).
 
     21 captions: two chunks for the sorted peers, so that their sorting is checked too.
     """
     small = replace(w, b_img=3, b_txt=21)
-    inputs = make_inputs(small, device, dtype, seed=3, requires_grad=True)
+    grads = w.backward or name not in PEERS
+    inputs = make_inputs(small, device, dtype, seed=3, requires_grad=grads)
     outs = []
     for who in (name, "reference"):
         r, rl, t, tl = inputs
         s = scores_fn(who, w.direction, peers)(r, rl, t, tl)
-        grads = torch.autograd.grad(s.sum(), (r, t))
-        outs.append([s, *grads])
+        outs.append([s, *(torch.autograd.grad(s.sum(), (r, t)) if grads else ())])
     return max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(*outs))
 
 
 def peak_extra_memory(w: Workload, name: str, device: str, dtype_name: str) -> Optional[float]:
-    """Peak extra memory (bytes) of one pass on the CPU, measured in a fresh subprocess."""
-    cmd = [sys.executable, "-m", "mefn_fast.bench", "--_memory", json.dumps(asdict(w)), name, device, dtype_name]
+    """Peak extra memory (bytes) of one pass on the CPU, measured in a fresh subprocess (with this
+    process's thread count)."""
+    cmd = [sys.executable, "-m", "mefn_fast.bench", "--_memory", json.dumps(asdict(w)), name, device, dtype_name,
+           str(torch.get_num_threads())]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
         return float(out.strip().splitlines()[-1])
@@ -254,13 +257,15 @@ def _cuda_peak_extra(step) -> float:
     return float(peak)
 
 
-def _memory_child(spec: str, name: str, device: str, dtype_name: str) -> None:
+def _memory_child(spec: str, name: str, device: str, dtype_name: str, threads: str) -> None:
+    torch.set_num_threads(int(threads))
     w = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec).items()})
     dtype = DTYPES[dtype_name]
     peers = make_peers()
     # One pass on a tiny version first: loading the extension, compiling kernels and starting the
-    # thread pool are one-time costs, not the pass's memory.
-    tiny = replace(w, b_img=2, b_txt=2)
+    # thread pool are one-time costs, not the pass's memory. Sizes unlike each other (2 images, 3
+    # captions), so that torch.compile's shape guards hold for the measured pass too.
+    tiny = replace(w, b_img=2, b_txt=3)
     make_step(tiny, name, make_inputs(tiny, device, dtype, requires_grad=w.backward), peers)()
     step = make_step(w, name, make_inputs(w, device, dtype, requires_grad=w.backward), peers)
     # Reset the kernel's high-water mark (importing torch peaks above what it keeps), then compare
@@ -308,7 +313,8 @@ def _progress(total: int, desc: str):
                 pass
 
             def set_postfix_str(self, s):
-                print(f"  {desc}: {s}", file=sys.stderr)
+                if sys.stderr.isatty():
+                    print(f"  {desc}: {s}", file=sys.stderr)
 
             def close(self):
                 pass
@@ -474,8 +480,11 @@ def run_plan(plan: list, device: str, requested_backends: Optional[list], repeat
             skipped.append(f"{name} {dtype_name} (the time budget of {budget_s:g} s was spent)")
             continue
         backends = backends_for(device, DTYPES[dtype_name], requested_backends, w)
+        t0 = time.time()
         rows += run_workload(w, device, dtype_name, backends, repeats, memory=memory, peers=peers,
                              compile_budget=budget)
+        print(f"{name} {dtype_name}: {', '.join(backends)} and {len(peers if peers is not None else PEERS)} peers "
+              f"in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
         if out_dir is not None:
@@ -695,6 +704,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5, quick 3)")
     p.add_argument("--quick", action="store_true", help=f"reduced sizes ({QUICK_FACTOR}x images and captions), fewer repeats")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); on a shared machine 1 keeps other jobs from stalling "
+                        "the parallel regions of many small eager operations")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no workload after this many seconds (the rest are listed as not run)")
     p.add_argument("--compile-budget-s", type=float, default=None,
@@ -717,9 +729,11 @@ def run(args: argparse.Namespace, resize: Optional[Callable[[Workload], Workload
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
     repeats = args.repeats or (3 if args.quick else 5)
-    if repeats < 1:
-        print("error: --repeats must be >= 1", file=sys.stderr)
+    if repeats < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --repeats and --threads must be >= 1", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick and resize is None:
         resize = lambda w: w.scaled(QUICK_FACTOR)  # noqa: E731
     env = environment()
@@ -756,7 +770,7 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--_memory"]:  # internal: one measurement in a fresh process
-        _memory_child(*argv[1:5])
+        _memory_child(*argv[1:6])
         return 0
     p = argparse.ArgumentParser(prog="python -m mefn_fast.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
