@@ -299,7 +299,7 @@ setup(
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
     extras_require={
         "train": ["transformers>=4.40", "timm>=0.9", "tqdm"],
-        "dev": ["pytest", "pytest-benchmark", "ninja", "build"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "ninja", "build"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["mefn-fast=mefn_fast.cli:main"]},
