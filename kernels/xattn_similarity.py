@@ -7,82 +7,86 @@ Layout of the work
 One program computes one *tile*: the cosine matrix of an R block (the MMA's M side, ``BM`` rows)
 against a C block (the N side, ``BN`` columns), one ``tl.dot`` over chunks of d, and then every
 image x caption pair inside the tile down to its score. A block packs several items (images or
-captions) and only their valid rows: items are grouped by length, and a block of length-L items
-holds min(16, BLOCK // L) of them, one segment of consecutive rows each (varlen, as FlashAttention
-packs sequences). Eval shapes (N = 36 regions, 8..32 words, d = 1024): 3 images = 108 of 128
-columns, and 4-16 captions (about 115 of 128 rows), instead of 64 padded context rows for one
-image and 32 columns for every caption.
+captions) and only their valid rows, one segment of consecutive rows each: items are sorted by
+length and grouped by how many fit a block (at most 16; 8 on C when full-length items fill an
+eighth of it), so ragged captions lie back to back (varlen, as FlashAttention packs sequences).
+Eval shapes (N = 36 regions, 8..32 words, d = 1024): 3 images = 108 of 128 columns and 4-16
+captions, about 117 of 128 rows, instead of 64 padded context rows per image and 32 columns per
+caption. The tables are built on the device without a host sync (large grids read the block
+counts back once, for an exact grid).
 
-* **Softmax along the columns.** t2i puts the regions (its context) on C and the words on R, i2t
-  the other way round, so the softmax over context rows runs along the MMA's N axis, as in
-  FlashAttention. ``direction="both"`` computes the tile once and runs both directions on it
-  (t2i with its context on C, i2t with its context on R).
+* **Softmax along the columns.** A direction runs on a tile whose columns are its context: t2i
+  on (words x regions), i2t on (regions x words), so the softmax over context rows runs along the
+  MMA's N axis (as in FlashAttention). ``direction="both"`` computes the tile once and runs i2t on
+  its transpose (one trip through shared memory; fp16 / bf16 hand the second direction a 16-bit
+  copy, made right after the first direction's last use of the float32 tile).
 * **Segment sums on tensor cores.** Every per-item reduction (the softmax sums, sum_r A S,
-  sum_r A (G A), the clipped-l2 norms over query positions, the weights) is a ``tl.dot`` with the
-  block's 0/1 segment matrix (BLOCK x 16), and so is the broadcast of a per-item value back to its
-  cells: the packing costs no masked passes. The data operand is split into two bfloat16 terms
-  (hi + lo: 16 mantissa bits, float32 range) for fp16 / bf16 inputs, float32 ("ieee") for fp32.
-* **Gram form on tensor cores.** ``G A`` is one ``tl.dot`` with the block's Gram matrix,
-  block diagonal over its items (a prologue kernel forms it once per block, in fp16 for fp16 /
-  bf16 inputs, in float32 for fp32).
+  sum_r A (G A), the clipped-l2 norms over query positions, the weights, the aggregation) and every
+  broadcast of a per-item value back to its cells is a ``tl.dot`` with the block's 0/1 segment
+  matrix: the packing costs no masked passes. The data is split into bfloat16 terms, two (16
+  significant bits, float32's range) for fp16 / bf16 inputs and TF32, three (exact) for fp32.
+* **Gram form on tensor cores.** ``G A`` is one ``tl.dot`` with the C block's Gram matrix, block
+  diagonal over its items, formed once per block by a prologue (fp16 for fp16 / bf16, float32
+  for fp32).
 * **Stable without a max pass.** Cosines and clipped-l2 logits lie in [-1, 1], so exp(lambda E -
   lambda) cannot overflow and, for lambda <= 40, cannot underflow; likewise the MFE weights
   (shift 0) and the LogSumExp (shift lambda_lse). Larger temperatures switch on exact per-item
-  maxima (``EXACT_MAX``), so any finite lambda is right.
+  maxima (``EXACT_MAX``). The entropy sums A (x - shift): nothing of size lambda cancels.
 * **L2-sized groups.** Programs run in groups of R blocks (``GROUP``, about 8 MiB of rows) that
-  sweep every C block, so a resident block of captions serves every image before the next
-  group is fetched.
-* **Normalisation that cannot overflow.** A prologue finds each row's power of two s = 2^-e that
+  sweep every C block: a resident group of caption blocks serves every image block.
+* **Row norms that cannot overflow.** A prologue finds each row's power of two s = 2^-e that
   brings its largest magnitude into [1, 2), and 1 / |x s| from the scaled squares; fp32 (and bf16
   with rows outside 2^-40..2^40) multiply each row by s before the product, so features with
-  norms of 1e30 or 1e-30 score right.
+  norms of 1e30 or 1e-30 score and back-propagate right.
 
-Backward (deterministic, no atomics): three kernels per chunk of R blocks.
+Backward (deterministic, no atomics), in chunks of R blocks whose dS buffer stays under
+``BWD_CHUNK_BYTES``:
 
 * ``_bwd_tile_kernel``, one program per tile: recomputes the tile and the pair functions, writes
-  dS (the tile's gradient; in the inputs' dtype for fp16 / bf16, scaled per tile into range, as
-  FlashAttention rounds dS) and each row's row of 2 dG of its own item (the Gram gradient).
-* ``_bwd_gemm_kernel`` twice: dX_hat of an R block = sum over C blocks of dS @ X_hat_C, of a C
-  block = sum over the chunk's R blocks of dS^T @ X_hat_R (each program owns its output rows;
-  C rows add chunk after chunk, in order).
-* The host sums the Gram-gradient rows (``torch.sum``, deterministic), adds 2 dG X_hat
-  (``torch.bmm``) and finishes the backward of the normalisation.
-
-Chunks bound the memory: the dS buffer of one chunk stays under ``BWD_CHUNK_BYTES``.
+  dS (in the inputs' dtype for fp16 / bf16, scaled per tile into range, as FlashAttention rounds
+  dS) and each row's row of 2 dG of its own item (the Gram gradient);
+* ``_bwd_gemm_kernel`` twice: dX_hat of an R block = sum over C blocks of dS X_hat_C, of a C block =
+  sum over the chunk's R blocks of dS^T X_hat_R (each program owns its rows; C rows add chunk
+  after chunk, in order);
+* the host sums the Gram rows (``torch.sum``), adds 2 dG X_hat (``torch.bmm``) and finishes the
+  backward of the normalisation.
 
 Precision
 ---------
-Every accumulation is float32. float32 inputs use exact products (``"ieee"``) unless
-``torch.get_float32_matmul_precision()`` is not ``"highest"`` (then TF32, with the split
-segment products); ``MEFN_TRITON_DOT_PRECISION=ieee|tf32|tf32x3`` overrides. fp16 / bf16 inputs:
-the tile product is exact in float32; ``G A`` and the Gram gradient use fp16 operands (11 bits,
-like TF32); segment sums carry 16 bits; dS is rounded to the inputs' dtype for the two gradient
-products, as in FlashAttention.
+Every accumulation is float32. float32 inputs use exact products (``"ieee"``) and exact segment
+sums unless ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (then TF32 products and
+two-term sums); ``MEFN_TRITON_DOT_PRECISION=ieee|tf32|tf32x3`` overrides. fp16 / bf16 inputs: the
+tile product is exact in float32, ``G A`` and the Gram gradient take fp16 operands (11 bits, like
+TF32), segment sums carry 16 bits or more, and dS is rounded to the inputs' dtype for the two
+gradient products.
 
 Tested on
 ---------
 No GPU was available while this was written. Interpreter (``TRITON_INTERPRET=1``, Triton 3.8,
 torch 2.14 on CPU): every option, direction, ragged and odd shape, fp32 and fp16, forward and
-gradients, huge and tiny norms, the exact-max path, chunked backward, against
+gradients, huge and tiny norms, the exact-max path, many blocks and chunks, against
 ``mefn_fast.backends.reference`` (``tests/test_xattn_similarity_triton.py``). Compiled offline for
-``GPUTarget("cuda", 90, 64)`` with Triton 3.8 and 3.6 (the GPU machine's), for the
-configurations the launcher picks at the GPU workloads of ``docs/math.md``
-(``tests/test_xattn_similarity_triton_compile.py``, which prints the numbers below).
-``benchmarks/gpu_check.sh`` runs the GPU tests and timings on a lent H100 / H200.
-
-COMPILE_NUMBERS
+``GPUTarget("cuda", 90, 64)`` with Triton 3.8 (CI) and 3.6 (the GPU machine's), at the
+configurations the launchers pick for the GPU workloads: ``tests/test_xattn_similarity_triton_compile.py``
+prints registers, spills, shared memory and wgmma use per kernel, and its docstring holds the
+measured table and the estimated ratio to the packed floor per workload (in short: wgmma in
+every forward, at most 134 KiB of shared memory; the eval forward spills 24 bytes a thread with
+Triton 3.8 and 168 with 3.6, the backward tile kernel kilobytes; eval about 2.2x the packed
+floor, train-gpu forward + backward about 4-5x, both short of their targets). Memory: the
+forward needs the inputs, the Gram blocks (32 KiB a block) and the scores only, so
+eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
 
 Known risks
 -----------
-* Not yet run on a GPU: speed, and the TF32 and bf16 numerics, are unmeasured (the interpreter's
-  bf16 arithmetic is wrong, so bf16 is only tested on a GPU).
-* The per-tile epilogue runs after the tile's product in the same warps (no warp
-  specialisation in Triton 3.6 for Hopper): the tensor cores idle while it runs, unless a second
-  program shares the SM.
-* bf16 inputs with a row outside 2^-40..2^40 (and every fp32 input) take the prescaled product:
-  bf16 pays one device-to-host sync per call to find out.
-* The interpreter's ``tl.dot`` is exact, so the TF32 and split-bf16 products are exercised
-  bit for bit only on a GPU (the split is emulated with the same values).
+* Not yet run on a GPU: speed and the TF32 and bf16 numerics are unmeasured (the interpreter's
+  bf16 arithmetic is wrong, so bf16 is only tested on a GPU; its ``tl.dot`` is exact, so the TF32
+  and split-bf16 products are checked with the same values multiplied in float32).
+* Register pressure: the forward holds the 128 x 128 float32 tile (64 registers
+  a thread at 8 warps) and two or three tile-sized temporaries at its peak; the backward tile
+  kernel recomputes the forward and back-propagates in one program. The way to zero spills, in
+  ``docs/design.md``: a training forward that saves per-item statistics, and context chunks.
+* No warp specialisation in Triton 3.6 for Hopper: the tensor cores idle during the epilogue.
+* bf16 inputs pay one device-to-host sync a call to find rows outside 2^-40..2^40.
 """
 from __future__ import annotations
 
@@ -172,23 +176,31 @@ def _pow2(x: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpret: bool | None = None) -> dict:
+def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpret: bool | None = None,
+                both: bool = False) -> dict | None:
     """Block sizes and launch options for items of at most ``l_r`` rows on R and ``l_c`` on C.
 
     GPU, fp16 / bf16: forward tiles of 128 x 128 (8 warps: each tile-sized float32 value is 64
     registers a thread), or 64 x 256 when the context items have more than 128 rows (ViT
-    patches); the backward tile kernel takes half the rows (its epilogue holds about twice as
-    many tile values). float32 (exact products on CUDA cores) halves both again. Interpreter:
-    blocks of ``INTERPRET_BLOCK`` rows (its cost is per operation and program, not per element,
-    so few large programs are fastest; the tests shrink it to get many blocks a side).
-    ``None`` where no configuration takes items this long (see ``input_limits``)."""
+    patches). The backward tile kernel, whose epilogue holds about twice as many tile values,
+    takes half the cells: 128 x 64 for one direction (an MMA with M = 128 over 8 warps keeps each
+    row in one warp group; ptxas spills about a quarter of what it does at 64 x 128), 64 x 128
+    for ``both`` (its second direction runs on the transposed tile). float32 (exact products on
+    CUDA cores) halves both, and takes at most 8192 cells. Interpreter: blocks of ``INTERPRET_BLOCK`` rows (its cost is
+    per operation and program, not per element, so few large programs are fastest; the tests
+    shrink it to get many blocks a side). ``None`` where no configuration takes items this long
+    (see ``input_limits``)."""
     interpret = interpreter_enabled() if interpret is None else interpret
     need_m, need_n = max(16, _pow2(l_r)), max(16, _pow2(l_c))
     if interpret:
         return dict(BM=max(INTERPRET_BLOCK, need_m), BN=max(INTERPRET_BLOCK, need_n), BK=32, num_warps=4,
                     num_stages=1)
     fp32 = dtype == torch.float32
-    for elems in ((8192 if fp32 else 16384) // (2 if backward else 1), 16384):  # preferred, then largest
+    if backward and not both and not fp32 and need_m <= 128 and need_n <= 64:
+        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
+    # preferred size, then the largest that fits shared memory (float32 tiles of 128 x 128 would
+    # stage about 300 KiB: more than an H100 has)
+    for elems in ((8192 if fp32 else 16384) // (2 if backward else 1), 8192 if fp32 else 16384):
         bn = max(64 if fp32 else 128, need_n)
         bm = max(16, elems // bn)
         if bm < need_m:  # long query items: give R the rows, C what is left
@@ -331,7 +343,10 @@ class Plan:
         r, rl, c, cl = (words, word_lengths, regions, region_lengths) if self.r_is_words else \
             (regions, region_lengths, words, word_lengths)
         self.dtype = regions.dtype
-        self.cfg = tile_config(r.shape[1], c.shape[1], self.dtype, backward)
+        self.cfg = tile_config(r.shape[1], c.shape[1], self.dtype, backward, both=direction == "both")
+        if self.cfg is None:
+            raise ValueError(f"no Triton tile takes blocks of {r.shape[1]} x {c.shape[1]} rows in "
+                             f"{str(self.dtype).replace('torch.', '')} (see mefn_fast.backends.triton.input_limits)")
         b_img, b_txt = regions.shape[0], words.shape[0]
         bm, bn = self.cfg["BM"], self.cfg["BN"]
         # the exact block counts cost a host sync on a GPU: worth it for large grids only
@@ -359,7 +374,6 @@ class Plan:
         self.split = 3 if (fp32 and self.prec == "ieee") else 2  # exact segment sums for exact fp32
         self.gdt = torch.float32 if fp32 else torch.float16
         self.d = regions.shape[2]
-        self.out_strides_rc = None  # set by the caller from the output tensor
         self.group = max(1, min(64, GROUP_BYTES // max(1, bm * self.d * regions.element_size())))
         self.b_img, self.b_txt = b_img, b_txt
 

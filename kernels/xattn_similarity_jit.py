@@ -5,18 +5,19 @@ plans the work and launches these kernels; the math is ``docs/math.md``, section
 
 Vocabulary. A *tile* is the cosine matrix of one R block (the MMA's M side, ``BM`` packed rows)
 against one C block (the N side, ``BN`` packed columns). A block packs several items (images or
-captions) of similar length, only their valid rows, one *segment* of consecutive rows per item
-(at most ``NS`` segments a block). The host's tables say, for every block row, its flat input
-row (``item * L + position``, or -1) and its segment (or -1), and for every segment its item and
-length. A direction's *context* axis is the one its softmax runs over; ``CTX_C`` says whether that
-is the C axis (the tile's columns, like FlashAttention's softmax) or the R axis.
+captions), only their valid rows, one *segment* of consecutive rows per item (at most ``NSR`` /
+``NSC`` segments a block). The host's tables say, for every block row, its flat input row
+(``item * L + position``, or -1) and its segment (or -1), and for every segment its item and
+length. A direction runs on a tile whose rows are its query positions and whose columns its
+context positions (the tile, or its transpose): the softmax runs along the MMA's N axis.
 
 Segment sums and their broadcasts back to the tile are ``tl.dot`` products with the blocks'
 0/1 segment matrices, so they run on tensor cores for any packing (see ``_sdot``). No
 ``@triton.jit`` function of ``triton.language.standard`` is called (``tl.sum``, ``tl.max``,
 ``tl.zeros``...): if Triton was imported before ``TRITON_INTERPRET=1`` was set, those stay
 compiled-mode functions that the interpreter cannot call; ``tl.reduce`` with the standard
-combine functions is a builtin.
+combine functions is a builtin. Under the interpreter every nested ``@triton.jit`` call costs a
+few milliseconds, so the helpers are few and coarse.
 """
 from __future__ import annotations
 

@@ -233,7 +233,9 @@ def test_input_limits_and_registry():
     assert len(reasons) == 2 and "256" in reasons[0] and "128" in reasons[1]
     assert tb.input_limits(r[:, :36], w[:, :32], make_options()) == []
     assert tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :64], make_options()) == []  # 64 x 256 tiles
-    assert tb.input_limits(r[:, :tb.MAX_N_FP32], w[:, :tb.MAX_M], make_options()) == []  # 128 x 128
+    assert tb.input_limits(r[:, :tb.MAX_N_FP32].half(), w[:, :tb.MAX_M].half(), make_options()) == []  # 128 x 128
+    assert tb.input_limits(r[:, :64], w[:, :tb.MAX_M], make_options()) == []  # float32: 128 x 64
+    assert "8192 cells (float32)" in tb.input_limits(r[:, :65], w[:, :65], make_options())[0]
     assert "no tile" in tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :65], make_options())[0]
     assert "no tile" in tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :65], make_options(direction="i2t"))[0]
     assert "float32" in tb.input_limits(r[:, :tb.MAX_N_FP32 + 1], w[:, :32], make_options())[0]
@@ -399,7 +401,7 @@ def test_gpu_public_api_and_auto():
 @pytest.mark.parametrize("shape,opts", [
     ((8, 40, 36, 32, 1024), GPU_OPTS[0]),     # SCAN's sizes, many feature chunks
     ((2, 3, 1, 1, 1), OPTION_GRID[21]),        # the smallest
-    ((5, 7, 100, 70, 300), OPTION_GRID[21]),   # odd sizes, 128-row tiles
+    ((5, 7, 60, 50, 300), OPTION_GRID[21]),    # odd sizes, 64-row blocks
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else option_id(v))
 def test_gpu_large_shapes_fp32(shape, opts):
     regions, rl, words, wl = make_inputs(*shape, dtype=torch.float64, seed=22)
@@ -409,9 +411,13 @@ def test_gpu_large_shapes_fp32(shape, opts):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_vit_patches_bf16():
-    """ViT patches (N = 197, t2i): 64 x 256 tiles; float32 is refused at this size."""
+    """ViT patches (N = 197, t2i): 64 x 256 tiles, forward only (gradients through 256-row context
+    blocks are refused); float32 is refused at this size."""
     regions, rl, words, wl = make_inputs(4, 6, 197, 32, 512, dtype=torch.float64, seed=22)
-    check_against_reference(regions, rl, words, wl, OPTION_GRID[0], dtype=torch.bfloat16)
+    check_against_reference(regions, rl, words, wl, OPTION_GRID[0], dtype=torch.bfloat16, grad=False)
+    r = regions.to("cuda", torch.bfloat16).requires_grad_(True)
+    with pytest.raises(ValueError, match="gradients"):
+        mefn_fast.xattn_similarity(r, rl.cuda(), words.to("cuda", torch.bfloat16), wl.cuda(), backend="triton")
 
 
 @pytest.mark.gpu

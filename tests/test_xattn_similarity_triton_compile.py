@@ -13,45 +13,50 @@ Each distinct kernel is compiled once (eval-f30k-gpu and eval-coco5k-gpu share t
 and asserts: wgmma in every forward's PTX, shared memory <= 227 KiB everywhere, forward and
 backward spills within the bounds below.
 
-Measured (Triton 3.8 and 3.6, ptxas 12.9 of the Triton wheel, sm_90a; bytes of spill stores a
-thread; the test prints the current numbers):
+Measured (ptxas 12.9 of the Triton wheels, sm_90a; bytes of spill stores a thread, Triton 3.8 /
+3.6; every forward uses wgmma; the test prints the current numbers):
 
-================  =====  =============  =====  ======  ========  =====
-kernel            dtype  workload       regs   spills  smem KiB  wgmma
-================  =====  =============  =====  ======  ========  =====
-forward t2i       fp16   eval (128x128)  255     24      96      yes
-forward t2i       bf16   eval (128x128)  255     24      96      yes
-forward both      bf16   train          255    448      96      yes
-forward t2i       bf16   vit (64x256)   FILL
-backward tile     bf16   train          FILL
-backward tile     bf16   vit            FILL
-backward GEMMs    bf16   all            <= 107    0    <= 96      -
-================  =====  =============  =====  ======  ========  =====
+===================  ==================  =========  =========  ==============  ========
+kernel               workload            dtype      tile       spills (B)      smem KiB
+===================  ==================  =========  =========  ==============  ========
+forward, t2i         eval-f30k, coco5k   fp16/bf16  128 x 128  24 / 168        96
+forward, both        train-gpu           fp16/bf16  128 x 128  424 / 680       96
+forward, t2i         vit-patches         fp16/bf16  64 x 256   6596 / 4688     134
+backward tile, both  train-gpu           fp16/bf16  64 x 128   4500 / 5688     72
+gradient GEMMs       train-gpu           fp16/bf16  64 x 128   0 / 0           96
+row norms, Gram      all                 fp16/bf16  -          0 / 0           <= 80
+===================  ==================  =========  =========  ==============  ========
 
-Not spill-free. The forward's epilogue holds the 128 x 128 float32 tile (64 registers a thread
-at 8 warps) and two or three tile-sized temporaries at its peak; ptxas spills a few registers
-there (transient, stored and reloaded once a program). The fused ``both`` forward also holds the
-16-bit copy of the tile for its second direction. The backward tile kernel recomputes the whole
-forward epilogue and back-propagates through it in one program: several kilobytes of spills.
-The bounds below are these measurements (with a margin); the way to zero is in
-``docs/design.md`` (a forward that saves per-item statistics, so the backward keeps only tile
-values alive).
+(The eval forward's autotuning candidates, 2-4 stages and a 128-wide chunk of d, take 68-128 KiB.)
+Registers: 255 in the forward and backward tile kernels, 106-190 in the GEMMs.
 
-Estimated ratio to the packed floor (one product over the valid rows, cuBLAS), counted from
-FLOPs and bytes per program on an H100 SXM (989 TFLOP/s dense fp16, ~50 MB L2):
+Not spill-free, so the bounds below are these measurements with a margin. The forward's epilogue
+holds the 128 x 128 float32 tile (64 registers a thread at 8 warps) and two tile-sized
+temporaries at its peak; ptxas spills a few registers there, stored and reloaded once a program.
+The fused ``both`` forward also carries the 16-bit copy of the tile for its second direction;
+the ViT tile (64 x 256) splits its rows over two warp groups, so every segment sum reshuffles
+them. The backward tile kernel recomputes the forward and back-propagates through it in one
+program (a single direction at 128 x 64 spills 844 bytes; ``both``'s transposed half is the
+rest). The way to zero is in ``docs/design.md``.
 
-* eval-f30k-gpu fp16 and eval-coco5k-gpu bf16: a 128 x 128 tile holds 108 of 128 region columns
-  (3 images) and about 117 of 128 word rows (capacity-class packing of 8..32-word captions), so
-  the product does 1 / 0.77 of the packed floor's MACs; the epilogue adds 11 tensor-core products
-  of 1/64 to 1/8 of the tile's (G A, the split segment sums: about 0.35 of the tile product) and
-  about 45 CUDA-core instructions a cell (about 0.7 of the tile product's time at 2048 MAC/clk
-  per SM). Without warp specialisation the epilogue does not overlap the next tile's product:
-  about (1.3 + 0.35 + 0.7) x ~1.1 (pipelining losses) ~ 2.6x the tile product's ideal time, i.e.
-  about 2.0-2.5x the packed floor. The 1.5x target needs an epilogue that overlaps the
-  product (two consumer warp groups in ping-pong, as FlashAttention 3 does in CUDA).
-* train-gpu bf16 forward + backward (both): 1 forward product + 1 recomputed + 2 gradient
-  products at about 0.77 packing, two epilogues per tile each way, the backward's spills, and
-  about 12 launches of a few microseconds each at a 0.1 ms floor: about 3-4x.
+Estimated ratio to the packed floor (one cuBLAS product over the valid rows), counted per
+program on an H100 SXM (2048 fp16 MAC / clock / SM, 128 CUDA-core instructions / clock / SM):
+
+* eval-f30k-gpu fp16, eval-coco5k-gpu bf16: a tile's product is 8192 clocks at peak, of which
+  1 - 0.77 is padding (108 of 128 columns, about 117 of 128 rows); its loads (gathered rows, no
+  TMA, 64 B / clock / SM from L2) hold it near 70 % of peak (11700 clocks); the epilogue adds about
+  5000 clocks of CUDA-core work (some 40 instructions a cell) and 3000 of small tensor-core
+  products, not overlapped with the product (one program an SM). About 20000 clocks a tile
+  against 8900 for the floor's share: about 2.2x (target 1.5x: it needs an epilogue that
+  overlaps the next tile's product, as FlashAttention 3's ping-ponged consumer warp groups do).
+  Bounded memory at coco5k: scores (0.5 GiB), Gram blocks (55 MiB), tables.
+* train-gpu bf16 forward + backward: the forward runs two epilogues on its tile (about 29000
+  clocks a tile), the backward recomputes at 64 x 128 with two epilogues each way and 4.5 KB of
+  spills (about 54000 clocks a 128 x 128 tile's worth) and two gradient GEMMs at about 60 % of peak
+  (27000), against 26600 for the floor's three products, plus some ten launches against a 0.1 ms
+  floor: about 4-5x (target 2x).
+* vit-patches bf16: forward about 3-4x; gradients through its 256-row context blocks are
+  refused by the backend.
 
 Tested on: no GPU was available; these are compiles for sm_90 only. Known risks (as
 FlashAttention's Triton module lists them): register pressure as above; shared memory of the
@@ -81,9 +86,11 @@ WORKLOADS = [
 ]
 DTYPES = ("fp16", "bf16")
 SMEM_MAX = 227 * 1024  # an H100's / H200's shared memory per block
-FWD_SPILL_MAX = {"t2i": 64, "both": 1024}  # bytes a thread (measured: see the docstring)
-BWD_SPILL_MAX = 12 * 1024
-GEMM_SPILL_MAX = 0
+# Bytes of spill stores a thread (the measurements of the docstring, with a margin: Triton 3.6,
+# the GPU machine's, spills a little more than 3.8 at the same configurations).
+FWD_SPILL_MAX = {"eval-f30k-gpu": 256, "eval-coco5k-gpu": 256, "train-gpu": 1024, "vit-patches": 8192}
+BWD_SPILL_MAX = 6144
+OTHER_SPILL_MAX = 0  # prologue and gradient-GEMM kernels
 
 
 def _record(workload, dtype_name):
@@ -237,10 +244,6 @@ def _print_table(data) -> None:
               f"{r['compile_s']:9.1f}  {', '.join(r['used_by'])}")
 
 
-def _direction(r) -> str:
-    return {w[0]: w[6] for w in WORKLOADS}[r["workload"]]
-
-
 def test_every_forward_uses_wgmma(compiled):
     fwd = [r for r in compiled if r["kernel"] == "_fwd_kernel"]
     assert len(fwd) >= 6  # three tile classes x two dtypes, and the autotuning candidates
@@ -256,11 +259,11 @@ def test_shared_memory_fits_hopper(compiled):
 def test_spills_within_bounds(compiled):
     for r in compiled:
         if r["kernel"] == "_fwd_kernel":
-            assert r["spill_stores"] <= FWD_SPILL_MAX[_direction(r)], r
+            assert r["spill_stores"] <= FWD_SPILL_MAX[r["workload"]], r
         elif r["kernel"] == "_bwd_tile_kernel":
             assert r["spill_stores"] <= BWD_SPILL_MAX, r
         else:
-            assert r["spill_stores"] <= GEMM_SPILL_MAX, r
+            assert r["spill_stores"] <= OTHER_SPILL_MAX, r
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -152,9 +152,12 @@ def input_limits(regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions)
     if not out:
         k = _kernels()
         l_r, l_c = (n, m) if opts.direction == "i2t" else (m, n)
-        if k.tile_config(l_r, l_c, regions.dtype, backward=True, interpret=False) is None:
+        if k.tile_config(l_r, l_c, regions.dtype, backward=True, interpret=False,
+                         both=opts.direction == "both") is None:
+            cells = 8192 if regions.dtype == torch.float32 else 16384
             out.append(f"N={n} regions per image together with M={m} words per caption: no tile of at most "
-                       "16384 cells holds a block of each; use another backend")
+                       f"{cells} cells ({str(regions.dtype).replace('torch.', '')}) holds a block of each; use "
+                       "another backend")
         elif (n > MAX_N_GRAD and opts.direction != "i2t" and torch.is_grad_enabled()
               and (regions.requires_grad or words.requires_grad)):
             out.append(f"gradients with N={n} regions per image > {MAX_N_GRAD} as the context (direction "
