@@ -108,6 +108,7 @@ GROUP_BYTES = 8 * 2 ** 20  # rows of the R blocks of one program group (about an
 SAFE_EXP = 80.0  # exp(-80) is a normal float32: fixed shifts are exact while the range stays below
 TINY_ROW = 1000  # exponent marker of a row whose norm is at most 1e-12 (F.normalize's clamp)
 INTERPRET_BLOCK = 128  # block rows under the interpreter (tests set 16 to get many blocks a side)
+GRAM_GRAD_BLOCK = 64  # rows and columns of a Gram-gradient program (a 256-row block takes 4 x 4)
 PRESCALE_EXP = 40  # bf16 rows with a largest magnitude outside 2^-40..2^40 need the prescaled product
 
 
@@ -176,17 +177,17 @@ def _pow2(x: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpret: bool | None = None,
-                both: bool = False) -> dict | None:
-    """Block sizes and launch options for items of at most ``l_r`` rows on R and ``l_c`` on C.
+def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpret: bool | None = None) -> dict | None:
+    """Block sizes and launch options for query items of at most ``l_r`` rows on R and context
+    items of at most ``l_c`` on C.
 
     GPU, fp16 / bf16: forward tiles of 128 x 128 (8 warps: each tile-sized float32 value is 64
     registers a thread), or 64 x 256 when the context items have more than 128 rows (ViT
     patches). The backward tile kernel, whose epilogue holds about twice as many tile values,
-    takes half the cells: 128 x 64 for one direction (an MMA with M = 128 over 8 warps keeps each
-    row in one warp group; ptxas spills about a quarter of what it does at 64 x 128), 64 x 128
-    for ``both`` (its second direction runs on the transposed tile). float32 (exact products on
-    CUDA cores) halves both, and takes at most 8192 cells. Interpreter: blocks of ``INTERPRET_BLOCK`` rows (its cost is
+    takes half the cells: 128 x 64 (an MMA with M = 128 over 8 warps keeps each row in one warp
+    group; at 64 x 128 the two warp groups split the columns, and every context sum reshuffles
+    them). float32 (exact products on CUDA cores) halves both, and takes at most 8192 cells.
+    Interpreter: blocks of ``INTERPRET_BLOCK`` rows (its cost is
     per operation and program, not per element, so few large programs are fastest; the tests
     shrink it to get many blocks a side). ``None`` where no configuration takes items this long
     (see ``input_limits``)."""
@@ -196,7 +197,7 @@ def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpre
         return dict(BM=max(INTERPRET_BLOCK, need_m), BN=max(INTERPRET_BLOCK, need_n), BK=32, num_warps=4,
                     num_stages=1)
     fp32 = dtype == torch.float32
-    if backward and not both and not fp32 and need_m <= 128 and need_n <= 64:
+    if backward and not fp32 and need_m <= 128 and need_n <= 64:
         return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
     # preferred size, then the largest that fits shared memory (float32 tiles of 128 x 128 would
     # stage about 300 KiB: more than an H100 has)
@@ -331,19 +332,25 @@ class Side:
 # --------------------------------------------------------------------------------------------
 
 
-class Plan:
-    """Everything one forward or backward launch needs, from the inputs and options."""
+def directions(opts: dict) -> list:
+    """(direction, weight) of every pass: "both" is a pass of each direction, weight 1/2."""
+    if opts["direction"] == "both":
+        return [("t2i", 0.5), ("i2t", 0.5)]
+    return [(opts["direction"], 1.0)]
 
-    def __init__(self, regions, region_lengths, words, word_lengths, opts: dict, backward: bool):
-        direction = opts["direction"]
-        self.direction = direction
-        # t2i: context (regions) on C; i2t: context (words) on C; both: regions on C, and the
-        # i2t direction has its context (words) on R.
-        self.r_is_words = direction in ("t2i", "both")
+
+class Plan:
+    """Everything the launches of one direction need, from the inputs and options: the query
+    items on R, their context on C (t2i: words x regions, i2t: regions x words)."""
+
+    def __init__(self, regions, region_lengths, words, word_lengths, opts: dict, backward: bool,
+                 direction: str, weight: float):
+        self.direction, self.weight = direction, weight
+        self.r_is_words = direction == "t2i"
         r, rl, c, cl = (words, word_lengths, regions, region_lengths) if self.r_is_words else \
             (regions, region_lengths, words, word_lengths)
         self.dtype = regions.dtype
-        self.cfg = tile_config(r.shape[1], c.shape[1], self.dtype, backward, both=direction == "both")
+        self.cfg = tile_config(r.shape[1], c.shape[1], self.dtype, backward)
         if self.cfg is None:
             raise ValueError(f"no Triton tile takes blocks of {r.shape[1]} x {c.shape[1]} rows in "
                              f"{str(self.dtype).replace('torch.', '')} (see mefn_fast.backends.triton.input_limits)")
@@ -352,20 +359,14 @@ class Plan:
         # the exact block counts cost a host sync on a GPU: worth it for large grids only
         exact = regions.device.type == "cpu" or math.ceil(r.shape[0] * r.shape[1] / bm) * math.ceil(
             c.shape[0] * c.shape[1] / bn) > EXACT_GRID_TILES
-        # Segments a block: 16 on R; on C (the context of every direction but i2t in "both") 8
-        # when full-length items fill at least an eighth of a block, which halves the per-item
-        # tensors of the epilogue (shorter items then pack at most 8 to a block).
+        # Segments a block: 16; on C (the context) in the backward 8 when full-length items fill at
+        # least an eighth of a block, which halves its per-item tensors (shorter items then pack at
+        # most 8 to a block). (The forward at 8 spills a few registers: ptxas's choice, measured.)
         self.ns_r = NS_MAX
-        self.ns_c = NS_MAX // 2 if c.shape[1] >= bn // 8 else NS_MAX
+        self.ns_c = NS_MAX // 2 if backward and c.shape[1] >= bn // 8 else NS_MAX
         self.R = Side(r, rl, bm, self.ns_r, exact)
         self.C = Side(c, cl, bn, self.ns_c, exact)
-        self.dir_c = True  # every direction has its context on C, except i2t within "both"
-        self.dir_r = direction == "both"
-        lam_t2i, lam_i2t = float(opts["lambda_t2i"]), float(opts["lambda_i2t"])
-        self.lam_c = lam_t2i if direction in ("t2i", "both") else lam_i2t
-        self.lam_r = lam_i2t
-        self.w_c = 0.5 if direction == "both" else 1.0
-        self.w_r = 0.5
+        self.lam = float(opts["lambda_t2i"] if direction == "t2i" else opts["lambda_i2t"])
         self.tau, self.lam_lse = float(opts["tau"]), float(opts["lambda_lse"])
         self.flags = dict(CLIP=opts["attn_norm"] == "clipped_l2norm", MFE=bool(opts["mfe"]), LSE=opts["agg"] == "lse")
         self.exact_max = not self.safe_shifts()
@@ -379,8 +380,7 @@ class Plan:
 
     def safe_shifts(self) -> bool:
         """Whether the fixed shifts keep every exp in float32's normal range (module docstring)."""
-        lams = [self.lam_c] + ([self.lam_r] if self.dir_r else [])
-        if max(lams) * 2 > SAFE_EXP:
+        if self.lam * 2 > SAFE_EXP:
             return False
         inv_tau = 1.0 / self.tau if self.flags["MFE"] else 0.0
         if inv_tau > SAFE_EXP:
@@ -400,8 +400,7 @@ class Plan:
             self.prescale = self.R.needs_prescale(self.r_lengths) or self.C.needs_prescale(self.c_lengths)
         else:
             self.prescale = False
-        self.gc = self.C.gram(self.gdt, self.prec) if self.dir_c else self.C.inv
-        self.gr = self.R.gram(self.gdt, self.prec) if self.dir_r else self.R.inv
+        self.gc = self.C.gram(self.gdt, self.prec)
         return self
 
     def set_lengths(self, region_lengths, word_lengths):
@@ -419,7 +418,7 @@ class Plan:
                 C.x, C.tab, C.seg, C.item, C.length, C.sc, C.inv, C.count)
 
     def consts(self) -> dict:
-        return dict(DIR_C=self.dir_c, DIR_R=self.dir_r, EXACT_MAX=self.exact_max, PRESCALE=self.prescale,
+        return dict(EXACT_MAX=self.exact_max, PRESCALE=self.prescale,
                     MAIN_PREC=self.prec, SPLIT=self.split, EMU=interpreter_enabled(), GDT=_tl_dtype(self.gdt), GPREC=self.prec,
                     EVEN_K=self.d % self.cfg["BK"] == 0, NSR=self.ns_r, NSC=self.ns_c, **self.flags)
 
@@ -438,24 +437,25 @@ def xattn_similarity_forward(regions, region_lengths, words, word_lengths, opts:
     """float32 scores (B_img, B_txt). ``opts``: the fields of :class:`mefn_fast.options.XAttnOptions`.
 
     Inputs: (B, L, d) tensors of one dtype on one device (any strides), int64 lengths in [1, L]
-    on the same device."""
+    on the same device. ``direction="both"`` is a pass of each direction (each with its own
+    tiles), the second adding its half to the scores."""
     b_img, b_txt = regions.shape[0], words.shape[0]
     out = torch.zeros((b_img, b_txt), dtype=torch.float32, device=regions.device)
     if b_img == 0 or b_txt == 0:
         return out
-    plan = Plan(regions, region_lengths, words, word_lengths, opts, backward=False)
-    plan.set_lengths(region_lengths, word_lengths).prepare(xhat=False)
-    R, C, cfg = plan.R, plan.C, plan.cfg
-    s_or, s_oc = plan.pair_strides(out)
-    args = (*plan.side_args(), plan.gc, plan.gr, out, plan.d, R.L, C.L, R.nb, C.nb, plan.group,
-            *R.x.stride(), *C.x.stride(), s_or, s_oc,
-            plan.lam_c, plan.lam_r, plan.tau, plan.lam_lse, plan.w_c, plan.w_r)
-    grid = (R.nb * C.nb,)
-    consts = dict(plan.consts(), HALF_HANDOFF=plan.dtype != torch.float32)
-    if single_config() or _RECORD is not None:
-        _launch(jit._fwd_kernel, grid, *args, **consts, **cfg)
-    else:
-        _autotuned_fwd(*(cfg[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages")))[grid](*args, **consts)
+    for i, (direction, weight) in enumerate(directions(opts)):
+        plan = Plan(regions, region_lengths, words, word_lengths, opts, False, direction, weight)
+        plan.set_lengths(region_lengths, word_lengths).prepare(xhat=False)
+        R, C, cfg = plan.R, plan.C, plan.cfg
+        s_or, s_oc = plan.pair_strides(out)
+        args = (*plan.side_args(), plan.gc, out, plan.d, R.L, C.L, R.nb, C.nb, plan.group,
+                *R.x.stride(), *C.x.stride(), s_or, s_oc, plan.lam, plan.tau, plan.lam_lse, plan.weight)
+        grid = (R.nb * C.nb,)
+        consts = dict(plan.consts(), ACCUMULATE=i > 0)
+        if single_config() or _RECORD is not None:
+            _launch(jit._fwd_kernel, grid, *args, **consts, **cfg)
+        else:
+            _autotuned_fwd(*(cfg[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages")))[grid](*args, **consts)
     return out
 
 
@@ -482,77 +482,89 @@ def _normalize_backward(side: Side, lengths: torch.Tensor, dxhat: torch.Tensor, 
 
 def xattn_similarity_backward(grad, regions, region_lengths, words, word_lengths, opts: dict,
                               need_regions: bool = True, need_words: bool = True):
-    """Gradients (d regions, d words) in the inputs' dtype for the upstream ``grad`` (B_img, B_txt)."""
+    """Gradients (d regions, d words) in the inputs' dtype for the upstream ``grad`` (B_img, B_txt).
+    ``direction="both"``: the two directions' gradients of the normalised rows are summed before
+    the backward of the normalisation."""
     b_img, b_txt = regions.shape[0], words.shape[0]
     if b_img == 0 or b_txt == 0 or not (need_regions or need_words):
         return torch.zeros_like(regions), torch.zeros_like(words)
     g = grad.to(torch.float32).contiguous()  # an upstream gradient of .sum() has stride 0
-    plan = Plan(regions, region_lengths, words, word_lengths, opts, backward=True)
-    plan.set_lengths(region_lengths, word_lengths).prepare(xhat=True)
+    total = {}  # "regions" / "words": float32 gradient of the normalised rows, (B, L, d)
+    for direction, weight in directions(opts):
+        plan = Plan(regions, region_lengths, words, word_lengths, opts, True, direction, weight)
+        plan.set_lengths(region_lengths, word_lengths).prepare(xhat=True)
+        need_r, need_c = (need_words, need_regions) if plan.r_is_words else (need_regions, need_words)
+        for name, dxhat in zip(("words", "regions") if plan.r_is_words else ("regions", "words"),
+                               _direction_backward(plan, g, need_r, need_c)):
+            if dxhat is not None:
+                total[name] = dxhat if name not in total else total[name] + dxhat
+    R, C = plan.R, plan.C
+    sides = {"words": (R, plan.r_lengths), "regions": (C, plan.c_lengths)} if plan.r_is_words else \
+        {"regions": (R, plan.r_lengths), "words": (C, plan.c_lengths)}
+    out = []
+    for name, x in (("regions", regions), ("words", words)):
+        side, lengths = sides[name]
+        out.append(_normalize_backward(side, lengths, total[name], plan.dtype) if name in total
+                   else torch.zeros_like(x))
+    return tuple(out)
+
+
+def _gemm_bd(rows: int) -> int:
+    """Features a gradient-GEMM program takes: at most 16384 float32 accumulators (64 registers
+    a thread at 8 warps)."""
+    return 64 if interpreter_enabled() else min(128, 16384 // rows)
+
+
+def _direction_backward(plan: Plan, g: torch.Tensor, need_r: bool, need_c: bool):
+    """float32 gradients of the normalised R and C rows, (B, L, d) each (None where not needed), of
+    one direction's scores times its weight."""
     R, C, cfg = plan.R, plan.C, plan.cfg
     bm, bn = cfg["BM"], cfg["BN"]
-    need_r, need_c = (need_words, need_regions) if plan.r_is_words else (need_regions, need_words)
-    dev = regions.device
+    dev = R.x.device
     ds_dtype = torch.float32 if plan.dtype == torch.float32 else plan.dtype
     dxr = torch.zeros((R.b * R.L, plan.d), dtype=torch.float32, device=dev) if need_r else None
     dxc = torch.zeros((C.b * C.L, plan.d), dtype=torch.float32, device=dev) if need_c else None
-    dgc = torch.zeros((C.b * C.L + 1, C.L), dtype=torch.float32, device=dev)
-    dgr = torch.zeros((R.b * R.L + 1, R.L), dtype=torch.float32, device=dev)
-    tile_bytes = bm * bn * torch.finfo(ds_dtype).bits // 8
+    dgc = torch.zeros((C.b * C.L, C.L), dtype=torch.float32, device=dev)
+    # dS and the two factors of the Gram gradient, a tile each
+    tile_bytes = bm * bn * (torch.finfo(ds_dtype).bits + 2 * torch.finfo(plan.gdt).bits) // 8
     chunk = max(1, min(R.nb, BWD_CHUNK_BYTES // (tile_bytes * C.nb)))
     s_or, s_oc = plan.pair_strides(g)
     consts = plan.consts()
     scaled = ds_dtype != torch.float32
     gemm_prec = plan.prec if plan.dtype == torch.float32 else "tf32"
-    bd = 64 if interpreter_enabled() else 128
     for rb0 in range(0, R.nb, chunk):
         nrb = min(chunk, R.nb - rb0)
         n_r_chunk = (R.count - rb0).clamp(0, nrb).to(torch.int32)
         ds = torch.empty((nrb * C.nb, bm, bn), dtype=ds_dtype, device=dev)
         dsc = torch.ones(nrb * C.nb, dtype=torch.float32, device=dev)
-        pgc = torch.zeros((nrb * C.nb, bn, C.L), dtype=torch.float32, device=dev) if plan.dir_c else dsc
-        pgr = torch.zeros((nrb * C.nb, bm, R.L), dtype=torch.float32, device=dev) if plan.dir_r else dsc
+        fa = torch.empty((2, nrb * C.nb, bm, bn), dtype=plan.gdt, device=dev)  # A, A dd2 / asc
+        asc = torch.empty(nrb * C.nb, dtype=torch.float32, device=dev)
         _launch(jit._bwd_tile_kernel, (nrb * C.nb,),
-            *plan.side_args(), plan.gc, plan.gr, g, ds, dsc, pgc, pgr,
+            *plan.side_args(), plan.gc, g, ds, dsc, fa[0], fa[1], asc,
             plan.d, R.L, C.L, nrb, C.nb, plan.group, rb0,
-            *R.x.stride(), *C.x.stride(), s_or, s_oc,
-            plan.lam_c, plan.lam_r, plan.tau, plan.lam_lse, plan.w_c, plan.w_r,
-            **consts, DS_SCALED=scaled, GRAM_EXACT=plan.dtype == torch.float32,
-            HALF_HANDOFF=plan.dtype != torch.float32, **cfg)
+            *R.x.stride(), *C.x.stride(), s_or, s_oc, plan.lam, plan.tau, plan.lam_lse, plan.weight,
+            **consts, DS_SCALED=scaled, GRAM_EXACT=plan.dtype == torch.float32, **cfg)
         if need_r:  # R rows of this chunk: complete here
-            _launch(jit._bwd_gemm_kernel, (nrb, triton.cdiv(plan.d, bd)),
+            _launch(jit._bwd_gemm_kernel, (nrb, triton.cdiv(plan.d, _gemm_bd(bm))),
                 ds, dsc, C.xhat, C.tab, R.tab[rb0:], n_r_chunk, C.count, dxr,
                 plan.d, C.L, C.nb, C.L * plan.d, plan.d, 1, 0,
-                OWN_R=True, DS_SCALED=scaled, PREC=gemm_prec, BO=bm, BX=bn, BD=bd, BM=bm, BN=bn,
+                OWN_R=True, DS_SCALED=scaled, PREC=gemm_prec, BO=bm, BX=bn, BD=_gemm_bd(bm), BM=bm, BN=bn,
                 num_warps=cfg["num_warps"], num_stages=2)
         if need_c:  # C rows: add this chunk's R blocks
-            _launch(jit._bwd_gemm_kernel, (C.nb, triton.cdiv(plan.d, bd)),
+            _launch(jit._bwd_gemm_kernel, (C.nb, triton.cdiv(plan.d, _gemm_bd(bn))),
                 ds, dsc, R.xhat, R.tab[rb0:], C.tab, C.count, n_r_chunk, dxc,
                 plan.d, R.L, C.nb, R.L * plan.d, plan.d, 1, int(rb0 > 0),
-                OWN_R=False, DS_SCALED=scaled, PREC=gemm_prec, BO=bn, BX=bm, BD=bd, BM=bm, BN=bn,
+                OWN_R=False, DS_SCALED=scaled, PREC=gemm_prec, BO=bn, BX=bm, BD=_gemm_bd(bn), BM=bm, BN=bn,
                 num_warps=cfg["num_warps"], num_stages=2)
-        if plan.dir_c:  # each C row's row of 2 dG: summed over the chunk's R blocks
-            rows = pgc.view(nrb, C.nb, bn, C.L).sum(0).view(C.nb * bn, C.L)
-            dgc.index_add_(0, _trash_index(C.tab.view(-1), C.b * C.L), rows)
-        if plan.dir_r:  # R rows: summed over the C blocks
-            rows = pgr.view(nrb, C.nb, bm, R.L).sum(1).view(nrb * bm, R.L)
-            dgr.index_add_(0, _trash_index(R.tab[rb0:rb0 + nrb].reshape(-1), R.b * R.L), rows)
-    grads = {}
-    for side, dx, need, gram_on, dgm, lengths in (
-            (R, dxr, need_r, plan.dir_r, dgr, plan.r_lengths), (C, dxc, need_c, plan.dir_c, dgc, plan.c_lengths)):
-        if not need:
-            grads[id(side)] = torch.zeros_like(side.x)
-            continue
-        dx = dx.view(side.b, side.L, plan.d)
-        if gram_on:  # + 2 dG X_hat, per item (padded rows may hold anything: masked out first)
-            xh = side.x.reshape(side.b * side.L, plan.d).float() * side.sc[:, None] * side.inv[:, None]
-            valid = torch.arange(side.L, device=dev)[None, :] < lengths[:, None]
-            xh = torch.where(valid.reshape(-1, 1), xh, 0.0).view(side.b, side.L, plan.d)
-            dx = dx + torch.bmm(dgm[:-1].view(side.b, side.L, side.L), xh)
-        grads[id(side)] = _normalize_backward(side, lengths, dx, plan.dtype)
-    d_regions, d_words = (grads[id(C)], grads[id(R)]) if plan.r_is_words else (grads[id(R)], grads[id(C)])
-    return d_regions, d_words
-
-
-def _trash_index(tab: torch.Tensor, trash: int) -> torch.Tensor:
-    return torch.where(tab >= 0, tab, trash).to(torch.int64)
+        if need_c:  # 2 dG of the C items: add this chunk's R blocks
+            gb = min(bn, GRAM_GRAD_BLOCK)
+            _launch(jit._bwd_gram_kernel, (C.nb, bn // gb, bn // gb),
+                fa[0], fa[1], asc, C.tab, C.seg, n_r_chunk, C.count, dgc, C.L, C.nb, int(rb0 > 0),
+                PREC=plan.prec, BM=bm, BN=bn, GB=gb, num_warps=4)
+    dxr = None if dxr is None else dxr.view(R.b, R.L, plan.d)
+    if dxc is not None:  # + 2 dG X_hat, per item (padded rows may hold anything: masked out first)
+        xh = C.x.reshape(C.b * C.L, plan.d).float() * C.sc[:, None] * C.inv[:, None]
+        valid = torch.arange(C.L, device=dev)[None, :] < plan.c_lengths[:, None]
+        xh = torch.where(valid.reshape(-1, 1), xh, 0.0).view(C.b, C.L, plan.d)
+        dxc = dxc.view(C.b, C.L, plan.d) + torch.bmm(dgc.view(C.b, C.L, C.L), xh)
+    return dxr, dxc

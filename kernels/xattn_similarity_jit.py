@@ -43,7 +43,42 @@ def _amax_all(x):
 
 
 @triton.jit
+def _pad_cols(y):
+    """(K, N) -> (K, 2N): every column followed by a zero column."""
+    return tl.reshape(tl.join(y, y * 0.0), (y.shape[0], 2 * y.shape[1]))
+
+
+@triton.jit
+def _even_cols(y):
+    """(M, 2N) -> (M, N): the even columns (undoes :func:`_pad_cols` on a product's output)."""
+    a, b = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
+    return a
+
+
+@triton.jit
 def _sdot(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
+    """:func:`_sdot16` for any output width: a product with N = 8 (eight segments) is computed
+    with N = 16, every output column followed by a zero one. (An N = 8 product is an mma.sync in
+    Triton 3.6, whose operand fragments of a whole tile, converted from the wgmma layout, spill.)"""
+    if FORM == LEFT:
+        if oh.shape[1] < 16:
+            return _even_cols(_sdot16(x, _pad_cols(oh), LEFT, SPLIT, EMU))
+        else:
+            return _sdot16(x, oh, LEFT, SPLIT, EMU)
+    elif FORM == RIGHT:
+        if x.shape[1] < 16:
+            return _even_cols(_sdot16(_pad_cols(x), oh, RIGHT, SPLIT, EMU))
+        else:
+            return _sdot16(x, oh, RIGHT, SPLIT, EMU)
+    else:
+        if oh.shape[0] < 16:
+            return tl.trans(_even_cols(tl.trans(_sdot16(x, tl.trans(_pad_cols(tl.trans(oh))), ROWSUM, SPLIT, EMU))))
+        else:
+            return _sdot16(x, oh, ROWSUM, SPLIT, EMU)
+
+
+@triton.jit
+def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
     """Float32 data x times a 0/1 segment matrix oh (exact in any dtype) on tensor cores:
     x @ oh (FORM LEFT), oh @ x (RIGHT), or oh @ x computed as (x^T @ oh^T)^T (ROWSUM: a sum over
     the rows of a tile with M = 16 would be an mma.sync holding all its fragments in registers;
@@ -124,12 +159,22 @@ def _csum3(e, x, S, oh, SPLIT: tl.constexpr, EMU: tl.constexpr):
     """(e x) @ oh, (e S) @ oh and e @ oh: the three context sums of the softmax, with every split
     term formed first, element by element, so that x and S die before the products (at a 128 x 128
     tile each tile-sized value is 64 registers a thread)."""
-    a1, a2, a3 = _terms(e * x, SPLIT, EMU)
+    NC: tl.constexpr = oh.shape[1]
+    if NC < 16:
+        oh2 = _pad_cols(oh)
+    else:
+        oh2 = oh
+    ob = oh2 if EMU else oh2.to(tl.bfloat16)
     b1, b2, b3 = _terms(e * S, SPLIT, EMU)
+    num = _tdot(b1, b2, b3, ob, SPLIT, EMU)
+    a1, a2, a3 = _terms(e * x, SPLIT, EMU)
+    sax = _tdot(a1, a2, a3, ob, SPLIT, EMU)
     c1, c2, c3 = _terms(e, SPLIT, EMU)
-    ob = oh if EMU else oh.to(tl.bfloat16)
-    return (_tdot(a1, a2, a3, ob, SPLIT, EMU), _tdot(b1, b2, b3, ob, SPLIT, EMU),
-            _tdot(c1, c2, c3, ob, SPLIT, EMU))
+    z = _tdot(c1, c2, c3, ob, SPLIT, EMU)
+    if NC < 16:
+        return _even_cols(sax), _even_cols(num), _even_cols(z)
+    else:
+        return sax, num, z
 
 
 @triton.jit
@@ -217,25 +262,25 @@ def _tile_product(r_ptr, rf, rok, s_rb, s_rl, s_rd, LR, r_sc_ptr, r_in_ptr,
 
 
 @triton.jit
-def _tile_rows(rb, cb, r_tab, c_tab, BM: tl.constexpr, BN: tl.constexpr):
-    """Flat input rows of R block ``rb`` and C block ``cb`` (0 where invalid) and their validity."""
-    rf = tl.load(r_tab + rb * BM + tl.arange(0, BM))
-    cf = tl.load(c_tab + cb * BN + tl.arange(0, BN))
+def _tile_rows(rb, cb, r_tab, c_tab, BM: tl.constexpr, BN: tl.constexpr, AGAIN: tl.constexpr = False):
+    """Flat input rows of R block ``rb`` and C block ``cb`` (0 where invalid) and their validity.
+    AGAIN: a second read (volatile, so that the compiler does not merge it with the first and
+    keep those values alive in between)."""
+    rf = tl.load(r_tab + rb * BM + tl.arange(0, BM), volatile=AGAIN)
+    cf = tl.load(c_tab + cb * BN + tl.arange(0, BN), volatile=AGAIN)
     rok = rf >= 0
     cok = cf >= 0
     return tl.where(rok, rf, 0), rok, tl.where(cok, cf, 0), cok
 
 
 @triton.jit
-def _tile_segments(rb, cb, r_seg, c_seg, BM: tl.constexpr, BN: tl.constexpr, NSR: tl.constexpr,
-                   NSC: tl.constexpr):
-    """The segment of every row and column of the tile (-1 where invalid) and the 0/1 segment
-    matrices (rows x NSR, columns x NSC; zero rows where invalid), read after the product. (Per-item
-    values are read where they are used: a value alive from here to the store would be spilled.)"""
+def _tile_segments(rb, cb, r_seg, c_seg, BM: tl.constexpr, BN: tl.constexpr, NSR: tl.constexpr):
+    """The segment of every row and column of the tile (-1 where invalid) and the rows' 0/1
+    segment matrix (rows x NSR; zero rows where invalid), read after the product. (Per-item values
+    are read where they are used: a value alive from here to the store would be spilled.)"""
     rseg = tl.load(r_seg + rb * BM + tl.arange(0, BM))
     cseg = tl.load(c_seg + cb * BN + tl.arange(0, BN))
-    return (rseg, tl.where(rseg[:, None] == tl.arange(0, NSR)[None, :], 1.0, 0.0), cseg,
-            tl.where(cseg[:, None] == tl.arange(0, NSC)[None, :], 1.0, 0.0))
+    return rseg, tl.where(rseg[:, None] == tl.arange(0, NSR)[None, :], 1.0, 0.0), cseg
 
 
 @triton.jit
@@ -274,14 +319,12 @@ def _segmax(x, seg, n_seg, init, AXIS: tl.constexpr, NS: tl.constexpr):
 
 
 @triton.jit
-def _dir_forward(S, g_ptr, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
+def _dir_forward(S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
                  CLIP: tl.constexpr, MFE: tl.constexpr, LSE: tl.constexpr, EXACT_MAX: tl.constexpr,
                  SPLIT: tl.constexpr, EMU: tl.constexpr, GDT: tl.constexpr, GPREC: tl.constexpr, NQ: tl.constexpr,
-                 NC: tl.constexpr, HANDOFF: tl.constexpr = False):
+                 NC: tl.constexpr):
     """Scores (NQ, NC) of every (query item, context item) pair of the tile, and what the
-    backward needs. With HANDOFF, also the transposed tile in 16 bits, made right after the tile's
-    last use here, for the other direction of "both" (so that the float32 tile and its transpose
-    are never alive together)."""
+    backward needs."""
     small0 = tl.full((S.shape[0], NC), 0.0, tl.float32)
     # ---- logits (step 3): clipped l2 norm over the query positions of each context row. (The
     # order below keeps few tile-sized values alive at once: each is 64 registers a thread.)
@@ -311,11 +354,9 @@ def _dir_forward(S, g_ptr, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_ite
     # from here on x is the shifted logit (<= 0 near the maxima): the entropy's sum of A x then
     # carries no cancellation of two numbers of size lam
     e = tl.exp(x)
+    # the context segment matrix, made here (alive from the top, it would be spilled)
+    ohc = tl.where(cseg[:, None] == tl.arange(0, NC)[None, :], 1.0, 0.0)
     SAx, num, Z = _csum3(e, x, S, ohc, SPLIT, EMU)
-    if HANDOFF:
-        St = tl.trans(S.to(tl.float16))
-    else:
-        St = Z
     Z = tl.where(Z > 0, Z, 1.0)  # 0 only for an empty context segment
     rZ = 1.0 / Z
     SAx = SAx * rZ
@@ -325,8 +366,11 @@ def _dir_forward(S, g_ptr, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_ite
     # here, not earlier: it would hold 32 registers a thread until this product)
     jj = tl.arange(0, S.shape[1])
     G = tl.load(g_ptr + cb.to(tl.int64) * (S.shape[1] * S.shape[1]) + jj[:, None] * S.shape[1] + jj[None, :])
-    GA = tl.dot(A.to(GDT), G, input_precision=GPREC)
-    den2 = _sdot(A * GA, ohc, LEFT, SPLIT, EMU)
+    Ag = A.to(GDT)
+    GA = tl.dot(Ag, G, input_precision=GPREC)
+    # A A^T G in the Gram product's precision: from the same rounded A, so that the forward's
+    # float32 A is dead here
+    den2 = _sdot(Ag.to(tl.float32) * GA, ohc, LEFT, SPLIT, EMU)
     # ---- per (query position, context item) from here on: the tile values are dead. (The small
     # tensors' constants are made here, not earlier, so that they do not live across the tile.)
     # the query segments again (a value alive from the top would be spilled)
@@ -381,22 +425,23 @@ def _dir_forward(S, g_ptr, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_ite
         score = _psum(w * R, ohq_tp, SPLIT, EMU, NQ, NC)
         p = w
     score = tl.where(pair_ok, score, 0.0)
-    return score, n2, inv_ne, x, A, GA, logZ, shift, H, num, den, den2, R, w, p, inv_log_n, vsm, ohq_tp, St
+    return score, n2, inv_ne, x, A, GA, logZ, shift, H, num, den, den2, R, w, p, inv_log_n, vsm, ohq_tp
 
 
 @triton.jit
-def _dir_backward(S, g_ptr, g, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
+def _dir_backward(S, g_ptr, g, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
                   CLIP: tl.constexpr, MFE: tl.constexpr, LSE: tl.constexpr, EXACT_MAX: tl.constexpr,
                   SPLIT: tl.constexpr, EMU: tl.constexpr, GDT: tl.constexpr, GPREC: tl.constexpr, NQ: tl.constexpr,
-                  NC: tl.constexpr, GRAM_EXACT: tl.constexpr, HANDOFF: tl.constexpr = False):
-    """dS (the gradient of the tile) and 2 dG (of the context Gram matrix; the caller keeps the
-    diagonal blocks) for the upstream gradient g (NQ, NC) of the tile's pairs, recomputing the
-    forward. Tile values that are cheap to recompute (x, the broadcasts) are recomputed rather
+                  NC: tl.constexpr, GRAM_EXACT: tl.constexpr):
+    """dS (the gradient of the tile), and the two factors of the tile's part of 2 dG (of the
+    context Gram matrix: 2 dG = (A dd2)^T A; the caller keeps the diagonal blocks): A and
+    A dd2 / sc, with the scale sc = max |dd2| (1 when GRAM_EXACT), for the upstream gradient g
+    (NQ, NC) of the tile's pairs, recomputing the forward. Tile values that are cheap to recompute (x, the broadcasts) are recomputed rather
     than kept: at 64 registers a thread each, fewer live tile values means fewer spills."""
-    score, n2, inv_ne, x, A, GA, logZ, shift, H, num, den, den2, R, w, p, inv_log_n, vsm, ohq_tp, St = _dir_forward(
-        S, g_ptr, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
+    score, n2, inv_ne, x, A, GA, logZ, shift, H, num, den, den2, R, w, p, inv_log_n, vsm, ohq_tp = _dir_forward(
+        S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
         CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC, NQ, NC)
-    qseg = tl.load(q_seg + qb * S.shape[0] + tl.arange(0, S.shape[0]))
+    qseg = tl.load(q_seg + qb * S.shape[0] + tl.arange(0, S.shape[0]), volatile=True)
     gs = _qbc(g, qseg, SPLIT, EMU)
     # ---- per (query position, context item): back through steps 8 -> 5
     if LSE:
@@ -431,13 +476,6 @@ def _dir_backward(S, g_ptr, g, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c
     t -= _cbc(dH, cseg, SPLIT, EMU) * x
     dx = A * t
     shift_t = _cbc(shift, cseg, SPLIT, EMU) if EXACT_MAX else lam
-    # ---- 2 dG = sum_k dd2_k A_k A_k^T, (BN, BN)
-    AD = A * _cbc(dd2, cseg, SPLIT, EMU)
-    if GRAM_EXACT:
-        dG2 = tl.dot(tl.trans(AD), A, input_precision=GPREC)
-    else:
-        sc = _amax_all(dd2)  # scale into float16's range: A <= 1, |AD| <= max |dd2|
-        dG2 = tl.dot(tl.trans((AD / sc).to(GDT)), A.to(GDT)) * sc
     # ---- back through the logits (step 3): E = P inv_ne, x = lam E
     if CLIP:
         D = _sdot(dx * (x + shift_t), tl.trans(ohq), ROWSUM, SPLIT, EMU)  # sum over query positions of dE * E
@@ -447,10 +485,13 @@ def _dir_backward(S, g_ptr, g, ohq, ohc, qseg, cseg, q_seg, q_item, q_len, qb, c
         dS = tl.where(S > 0, dP, 0.1 * dP)
     else:
         dS = lam * dx
-    if HANDOFF:
-        St = tl.trans(S.to(tl.float16))
     dS += _cbc(dnum, cseg, SPLIT, EMU) * A
-    return dS, dG2, St
+    # ---- 2 dG = sum_k dd2_k A_k A_k^T: its factors (the product is a GEMM of its own)
+    if GRAM_EXACT:
+        gsc = 1.0
+    else:
+        gsc = _amax_all(dd2)  # scale into float16's range: A <= 1, |A dd2| <= max |dd2|
+    return dS, A, A * _cbc(dd2 / gsc, cseg, SPLIT, EMU), gsc
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,113 +519,111 @@ _NO_SPEC = ["NB_R", "NB_C", "GROUP", "s_or", "s_oc"]
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(r_ptr, r_tab, r_seg, r_item, r_len, r_sc, r_in, n_r_ptr,
                 c_ptr, c_tab, c_seg, c_item, c_len, c_sc, c_in, n_c_ptr,
-                gc_ptr, gr_ptr, out_ptr,
+                gc_ptr, out_ptr,
                 D, LR, LC, NB_R, NB_C, GROUP,
                 s_rb, s_rl, s_rd, s_cb, s_cl, s_cd, s_or, s_oc,
-                lam_c, lam_r, tau, lam_lse, w_c, w_r,
-                DIR_C: tl.constexpr, DIR_R: tl.constexpr,
+                lam, tau, lam_lse, weight,
                 CLIP: tl.constexpr, MFE: tl.constexpr, LSE: tl.constexpr, EXACT_MAX: tl.constexpr,
                 PRESCALE: tl.constexpr, MAIN_PREC: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr, GDT: tl.constexpr,
-                GPREC: tl.constexpr, EVEN_K: tl.constexpr, HALF_HANDOFF: tl.constexpr,
+                GPREC: tl.constexpr, EVEN_K: tl.constexpr, ACCUMULATE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSR: tl.constexpr,
                 NSC: tl.constexpr):
-    """Scores of every (R item, C item) pair of one tile: out[item_R * s_or + item_C * s_oc].
-
-    DIR_C: the direction whose context lies on the C axis (weight w_c, temperature lam_c) is
-    computed; DIR_R: the one whose context lies on the R axis. direction="both" sets both and
-    reads the tile once; with HALF_HANDOFF (fp16 / bf16 inputs) the second direction reads a
-    16-bit copy of it (the tile's cosines carry far less error than the inputs' rounding)."""
+    """weight x the scores of every (R item, C item) pair of one tile, the query items on R and
+    their context on C: out[item_R * s_or + item_C * s_oc] (added to what is there when
+    ACCUMULATE: the second direction of "both")."""
     rb, cb = _tile_ids(tl.program_id(0), NB_R, NB_C, GROUP)
     if (rb < tl.load(n_r_ptr)) & (cb < tl.load(n_c_ptr)):
         rf, rok, cf, cok = _tile_rows(rb, cb, r_tab, c_tab, BM, BN)
         S = _tile_product(r_ptr, rf, rok, s_rb, s_rl, s_rd, LR, r_sc, r_in, c_ptr, cf, cok, s_cb, s_cl, s_cd, LC,
                           c_sc, c_in, D, BM, BN, BK, PRESCALE, MAIN_PREC, EVEN_K)
-        rseg, ohr, cseg, ohc = _tile_segments(rb, cb, r_seg, c_seg, BM, BN, NSR, NSC)
-        score = tl.full((NSR, NSC), 0.0, tl.float32)
-        St = S
-        if DIR_C:  # context on C: the tile as it is
-            out = _dir_forward(S, gc_ptr, ohr, ohc, rseg, cseg, r_seg, r_item, r_len, rb, c_item, c_len, cb,
-                               lam_c, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC, NSR, NSC,
-                               DIR_R and HALF_HANDOFF)
-            score += w_c * out[0]
-            if DIR_R and HALF_HANDOFF:
-                St = out[-1].to(tl.float32)
-            else:
-                St = tl.trans(S)
-        elif DIR_R:
-            St = tl.trans(S)
-        if DIR_R:  # context on R: the transposed tile (one trip through shared memory)
-            s = _dir_forward(St, gr_ptr, ohc, ohr, cseg, rseg, c_seg, c_item, c_len, cb, r_item, r_len, rb,
-                             lam_r, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC, NSC, NSR)[0]
-            score += w_r * tl.trans(s)
+        rseg, ohr, cseg = _tile_segments(rb, cb, r_seg, c_seg, BM, BN, NSR)
+        score = weight * _dir_forward(S, gc_ptr, ohr, rseg, cseg, r_seg, r_item, r_len, rb, c_item, c_len, cb,
+                                      lam, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC, NSR,
+                                      NSC)[0]
         ritem = tl.load(r_item + rb * NSR + tl.arange(0, NSR))
         citem = tl.load(c_item + cb * NSC + tl.arange(0, NSC))
         optr = out_ptr + ritem.to(tl.int64)[:, None] * s_or + citem.to(tl.int64)[None, :] * s_oc
-        tl.store(optr, score, mask=(ritem >= 0)[:, None] & (citem >= 0)[None, :])
+        omask = (ritem >= 0)[:, None] & (citem >= 0)[None, :]
+        if ACCUMULATE:
+            score += tl.load(optr, mask=omask, other=0.0)
+        tl.store(optr, score, mask=omask)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["RB0"])
 def _bwd_tile_kernel(r_ptr, r_tab, r_seg, r_item, r_len, r_sc, r_in, n_r_ptr,
                      c_ptr, c_tab, c_seg, c_item, c_len, c_sc, c_in, n_c_ptr,
-                     gc_ptr, gr_ptr, g_ptr, ds_ptr, dsc_ptr, dgc_ptr, dgr_ptr,
+                     gc_ptr, g_ptr, ds_ptr, dsc_ptr, a_ptr, ad_ptr, asc_ptr,
                      D, LR, LC, NB_R, NB_C, GROUP, RB0,
                      s_rb, s_rl, s_rd, s_cb, s_cl, s_cd, s_or, s_oc,
-                     lam_c, lam_r, tau, lam_lse, w_c, w_r,
-                     DIR_C: tl.constexpr, DIR_R: tl.constexpr,
+                     lam, tau, lam_lse, weight,
                      CLIP: tl.constexpr, MFE: tl.constexpr, LSE: tl.constexpr, EXACT_MAX: tl.constexpr,
                      PRESCALE: tl.constexpr, MAIN_PREC: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr, GDT: tl.constexpr,
                      GPREC: tl.constexpr, EVEN_K: tl.constexpr, DS_SCALED: tl.constexpr, GRAM_EXACT: tl.constexpr,
-                     HALF_HANDOFF: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSR: tl.constexpr,
-                NSC: tl.constexpr):
-    """Backward of one tile of the R blocks [RB0, RB0 + NB_R): recomputes the tile and both
-    directions' pair functions and writes dS (the tile's gradient, scaled into the storage dtype
-    by a per-tile factor when DS_SCALED) and each row's row of 2 dG of its own item (C items:
-    dgc[tile, BN, LC]; R items: dgr[tile, BM, LR]). Every output is written by one program: no
-    atomics, the same bits every run."""
+                     NSC: tl.constexpr):
+    """Backward of one tile of the R blocks [RB0, RB0 + NB_R) (query items on R, context on C):
+    recomputes the tile and the pair functions and writes dS (the tile's gradient, scaled into the
+    storage dtype by a per-tile factor when DS_SCALED) and the factors A, A dd2 / asc (in the Gram
+    blocks' dtype) and asc of the Gram gradient (see ``_bwd_gram_kernel``). Every output is
+    written by one program: no atomics, the same bits every run."""
     rbl, cb = _tile_ids(tl.program_id(0), NB_R, NB_C, GROUP)
     rb = RB0 + rbl
     if (rb < tl.load(n_r_ptr)) & (cb < tl.load(n_c_ptr)):
         rf, rok, cf, cok = _tile_rows(rb, cb, r_tab, c_tab, BM, BN)
         S = _tile_product(r_ptr, rf, rok, s_rb, s_rl, s_rd, LR, r_sc, r_in, c_ptr, cf, cok, s_cb, s_cl, s_cd, LC,
                           c_sc, c_in, D, BM, BN, BK, PRESCALE, MAIN_PREC, EVEN_K)
-        rseg, ohr, cseg, ohc = _tile_segments(rb, cb, r_seg, c_seg, BM, BN, NSR, NSC)
+        rseg, ohr, cseg = _tile_segments(rb, cb, r_seg, c_seg, BM, BN, NSR)
         ritem = tl.load(r_item + rb * NSR + tl.arange(0, NSR))
         citem = tl.load(c_item + cb * NSC + tl.arange(0, NSC))
         g = tl.load(g_ptr + tl.where(ritem >= 0, ritem, 0).to(tl.int64)[:, None] * s_or
                     + tl.where(citem >= 0, citem, 0).to(tl.int64)[None, :] * s_oc,
                     mask=(ritem >= 0)[:, None] & (citem >= 0)[None, :], other=0.0)
         tile = rbl.to(tl.int64) * NB_C + cb
+        dS, A, AD, gsc = _dir_backward(S, gc_ptr, g * weight, ohr, rseg, cseg, r_seg, r_item, r_len, rb, c_item,
+                                       c_len, cb, lam, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC,
+                                       NSR, NSC, GRAM_EXACT)
         ii = tl.arange(0, BM)
         jj = tl.arange(0, BN)
-        dS = tl.full((BM, BN), 0.0, tl.float32)
-        St = S
-        if DIR_C:
-            d, dG2, St = _dir_backward(S, gc_ptr, g * w_c, ohr, ohc, rseg, cseg, r_seg, r_item, r_len, rb, c_item,
-                                       c_len, cb, lam_c, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT,
-                                       GPREC, NSR, NSC, GRAM_EXACT, DIR_R and HALF_HANDOFF)
-            dS += d
-            same = (cseg[:, None] == cseg[None, :]) & cok[:, None] & cok[None, :]
-            tl.store(dgc_ptr + tile * (BN * LC) + jj[:, None] * LC + (cf % LC)[None, :], dG2, mask=same)
-            if DIR_R and HALF_HANDOFF:
-                St = St.to(tl.float32)
-            else:
-                St = tl.trans(S)
-        elif DIR_R:
-            St = tl.trans(S)
-        if DIR_R:
-            d, dG2, _St = _dir_backward(St, gr_ptr, tl.trans(g) * w_r, ohc, ohr, cseg, rseg, c_seg, c_item, c_len, cb,
-                                        r_item, r_len, rb, lam_r, tau, lam_lse, CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU,
-                                        GDT, GPREC, NSC, NSR, GRAM_EXACT)
-            dS += tl.trans(d)
-            same = (rseg[:, None] == rseg[None, :]) & rok[:, None] & rok[None, :]
-            tl.store(dgr_ptr + tile * (BM * LR) + ii[:, None] * LR + (rf % LR)[None, :], dG2, mask=same)
+        cells = tile * (BM * BN) + ii[:, None] * BN + jj[None, :]
+        tl.store(a_ptr + cells, A.to(a_ptr.dtype.element_ty))
+        tl.store(ad_ptr + cells, AD.to(ad_ptr.dtype.element_ty))
+        tl.store(asc_ptr + tile, gsc)
+        # the rows and columns again (alive from the top, they would be spilled)
+        rf, rok, cf, cok = _tile_rows(rb, cb, r_tab, c_tab, BM, BN, True)
         dS = tl.where(rok[:, None] & cok[None, :], dS, 0.0)
         if DS_SCALED:
             sc = _amax_all(dS)
             tl.store(dsc_ptr + tile, sc)
             dS = dS / sc
-        tl.store(ds_ptr + tile * (BM * BN) + ii[:, None] * BN + jj[None, :], dS.to(ds_ptr.dtype.element_ty))
+        tl.store(ds_ptr + cells, dS.to(ds_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["NB_C", "accumulate"])
+def _bwd_gram_kernel(a_ptr, ad_ptr, asc_ptr, c_tab, c_seg, n_r_ptr, n_c_ptr, dg_ptr, LC, NB_C, accumulate,
+                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr):
+    """2 dG of the C items, one (GB, GB) sub-block of C block ``program_id(0)`` a program (axes 1,
+    2: its rows and columns): the sum over the chunk's R blocks of (A dd2)^T A times each tile's
+    scale, kept on the diagonal blocks (the items) and written to dg[flat row, position] (float32,
+    (B * L, L)), added to what is there when ``accumulate``."""
+    cb = tl.program_id(0)
+    if cb < tl.load(n_c_ptr):
+        i = tl.program_id(1) * GB + tl.arange(0, GB)
+        j = tl.program_id(2) * GB + tl.arange(0, GB)
+        k = tl.arange(0, BM)
+        acc = tl.full((GB, GB), 0.0, tl.float32)
+        for t in range(0, tl.load(n_r_ptr)):
+            tile = tl.cast(t, tl.int64) * NB_C + cb
+            adt = tl.load(ad_ptr + tile * (BM * BN) + k[None, :] * BN + i[:, None])  # (GB, BM) = (A dd2)^T
+            at = tl.load(a_ptr + tile * (BM * BN) + k[:, None] * BN + j[None, :])  # (BM, GB)
+            acc += tl.dot(adt, at, input_precision=PREC) * tl.load(asc_ptr + tile)
+        fi = tl.load(c_tab + cb * BN + i)
+        fj = tl.load(c_tab + cb * BN + j)
+        same = (tl.load(c_seg + cb * BN + i)[:, None] == tl.load(c_seg + cb * BN + j)[None, :]) & \
+            (fi >= 0)[:, None] & (fj >= 0)[None, :]
+        ptr = dg_ptr + tl.where(fi >= 0, fi, 0).to(tl.int64)[:, None] * LC + (tl.where(fj >= 0, fj, 0) % LC)[None, :]
+        if accumulate != 0:
+            acc += tl.load(ptr, mask=same, other=0.0)
+        tl.store(ptr, acc, mask=same)
 
 
 @triton.jit(do_not_specialize=["NB_C", "accumulate"])

@@ -240,13 +240,10 @@ def test_input_limits_and_registry():
     assert "no tile" in tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :65], make_options())[0]
     assert "no tile" in tb.input_limits(r[:, :tb.MAX_N].half(), w[:, :65], make_options(direction="i2t"))[0]
     assert "float32" in tb.input_limits(r[:, :tb.MAX_N_FP32 + 1], w[:, :32], make_options())[0]
-    # ViT patches (N = 197): the forward is taken, gradients through 256-row context blocks are not
+    # ViT patches (N = 197): forward and gradients, every direction
     vit, cap = torch.zeros(1, 197, 4, dtype=torch.float16), torch.zeros(1, 32, 4, dtype=torch.float16)
-    assert tb.input_limits(vit, cap, make_options()) == []
-    assert "gradients" in tb.input_limits(vit.requires_grad_(), cap, make_options())[0]
-    assert tb.input_limits(vit, cap, make_options(direction="i2t")) == []
-    with torch.no_grad():
-        assert tb.input_limits(vit, cap, make_options()) == []
+    for direction in ("t2i", "i2t", "both"):
+        assert tb.input_limits(vit.requires_grad_(), cap, make_options(direction=direction)) == []
     if not torch.cuda.is_available():
         reason = mefn_fast.backend_status()["triton"]
         assert reason is not None and "CUDA" in reason
@@ -273,9 +270,25 @@ def test_many_blocks_groups_and_chunks(opts, monkeypatch):
     monkeypatch.setattr(k, "GROUP_BYTES", 1)  # a group of one R block
     monkeypatch.setattr(k, "BWD_CHUNK_BYTES", 1)  # one R block per chunk
     regions, rl, words, wl = make_inputs(5, 9, 7, 6, 12, dtype=torch.float64, seed=31)
-    plan = k.Plan(regions.float(), rl, words.float(), wl, make_options(**opts).to_dict(), backward=True)
+    o = make_options(**opts).to_dict()
+    plan = k.Plan(regions.float(), rl, words.float(), wl, o, True, *k.directions(o)[0])
     assert plan.R.nb >= 3 and plan.C.nb >= 3 and plan.group == 1
     check_against_reference(regions, rl, words, wl, opts)
+
+
+@pytest.mark.interpreter
+def test_long_context_gradients(monkeypatch):
+    """The shape of ViT patches (context items longer than a query block, one to a block, their
+    Gram gradient in several programs a side), scaled down: blocks of 16 query rows against
+    32-row blocks of 21 regions, Gram-gradient programs of 16 x 16."""
+    from mefn_fast.kernels import xattn_similarity as k
+    monkeypatch.setattr(k, "INTERPRET_BLOCK", 16)
+    monkeypatch.setattr(k, "GRAM_GRAD_BLOCK", 16)
+    regions, rl, words, wl = make_inputs(3, 5, 21, 6, 8, dtype=torch.float64, seed=33)
+    o = make_options(direction="t2i").to_dict()
+    plan = k.Plan(regions.float(), rl, words.float(), wl, o, True, "t2i", 1.0)
+    assert (plan.cfg["BM"], plan.cfg["BN"]) == (16, 32)
+    check_against_reference(regions, rl, words, wl, dict(direction="t2i"))
 
 
 @pytest.mark.interpreter
@@ -309,7 +322,8 @@ def test_exact_maxima_for_large_temperatures(opts):
     """Temperatures beyond the fixed shifts' safe range switch on exact per-item maxima."""
     from mefn_fast.kernels import xattn_similarity as k
     regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, dtype=torch.float64, seed=19)
-    assert k.Plan(regions.float(), rl, words.float(), wl, make_options(**opts).to_dict(), False).exact_max
+    o = make_options(**opts).to_dict()
+    assert all(k.Plan(regions.float(), rl, words.float(), wl, o, False, d, w).exact_max for d, w in k.directions(o))
     check_against_reference(regions, rl, words, wl, opts)
 
 
@@ -401,13 +415,10 @@ def test_gpu_large_shapes_fp32(shape, opts):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_vit_patches_bf16():
-    """ViT patches (N = 197, t2i): 64 x 256 tiles, forward only (gradients through 256-row context
-    blocks are refused); float32 is refused at this size."""
+    """ViT patches (N = 197, t2i): 64 x 256 tiles forward, 32 x 256 backward; float32 is refused at
+    this size."""
     regions, rl, words, wl = make_inputs(4, 6, 197, 32, 512, dtype=torch.float64, seed=22)
-    check_against_reference(regions, rl, words, wl, OPTION_GRID[0], dtype=torch.bfloat16, grad=False)
-    r = regions.to("cuda", torch.bfloat16).requires_grad_(True)
-    with pytest.raises(ValueError, match="gradients"):
-        mefn_fast.xattn_similarity(r, rl.cuda(), words.to("cuda", torch.bfloat16), wl.cuda(), backend="triton")
+    check_against_reference(regions, rl, words, wl, OPTION_GRID[0], dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -81,17 +81,16 @@ WORKLOADS = [
     ("eval-f30k-gpu", 7, 11, 36, 32, 1024, "t2i", False),
     ("eval-coco5k-gpu", 7, 11, 36, 32, 1024, "t2i", False),
     ("train-gpu", 7, 11, 36, 32, 1024, "both", True),
-    # vit-patches is forward + backward, but the backend refuses gradients through 256-row context
-    # blocks (see backends/triton.py, input_limits): only its forward is compiled
-    ("vit-patches", 3, 11, 197, 32, 512, "t2i", False),
+    ("vit-patches", 3, 11, 197, 32, 512, "t2i", True),
 ]
 DTYPES = ("fp16", "bf16")
 SMEM_MAX = 227 * 1024  # an H100's / H200's shared memory per block
-# Bytes of spill stores a thread (the measurements of the docstring, with a margin: Triton 3.6,
-# the GPU machine's, spills a little more than 3.8 at the same configurations).
-FWD_SPILL_MAX = {"eval-f30k-gpu": 256, "eval-coco5k-gpu": 256, "train-gpu": 1024, "vit-patches": 8192}
-BWD_SPILL_MAX = 6144
-OTHER_SPILL_MAX = 0  # prologue and gradient-GEMM kernels
+# Bytes of spill stores a thread: none in the forward of the eval and training workloads; the
+# bounds elsewhere are the measurements of the docstring with a margin (ptxas's allocation moves
+# by a hundred bytes between Triton 3.6 and 3.8).
+FWD_SPILL_MAX = {"eval-f30k-gpu": 0, "eval-coco5k-gpu": 0, "train-gpu": 0, "vit-patches": 4096}
+BWD_SPILL_MAX = {"train-gpu": 640, "vit-patches": 1536}
+OTHER_SPILL_MAX = 0  # prologue, gradient-GEMM and Gram-gradient kernels
 
 
 def _record(workload, dtype_name):
@@ -262,7 +261,7 @@ def test_spills_within_bounds(compiled):
         if r["kernel"] == "_fwd_kernel":
             assert r["spill_stores"] <= FWD_SPILL_MAX[r["workload"]], r
         elif r["kernel"] == "_bwd_tile_kernel":
-            assert r["spill_stores"] <= BWD_SPILL_MAX, r
+            assert r["spill_stores"] <= BWD_SPILL_MAX[r["workload"]], r
         else:
             assert r["spill_stores"] <= OTHER_SPILL_MAX, r
 

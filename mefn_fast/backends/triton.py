@@ -144,7 +144,6 @@ def xattn_similarity_triton(regions, region_lengths, words, word_lengths, opts: 
 
 
 MAX_N_FP32 = 128  # float32 context Gram blocks of 256 rows would need 256 KiB of shared memory
-MAX_N_GRAD = 128  # the backward of 256-row context blocks: a 256 x 256 Gram gradient a tile
 
 
 def input_limits(regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> list[str]:
@@ -160,18 +159,12 @@ def input_limits(regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions)
         out.append(f"M={m} words per caption > {MAX_M}; use backend='reference'")
     if not out:
         k = _kernels()
-        l_r, l_c = (n, m) if opts.direction == "i2t" else (m, n)
-        if k.tile_config(l_r, l_c, regions.dtype, backward=True, interpret=False,
-                         both=opts.direction == "both") is None:
+        pairs = {"t2i": [(m, n)], "i2t": [(n, m)], "both": [(m, n), (n, m)]}[opts.direction]
+        if any(k.tile_config(l_r, l_c, regions.dtype, backward=True, interpret=False) is None for l_r, l_c in pairs):
             cells = 8192 if regions.dtype == torch.float32 else 16384
             out.append(f"N={n} regions per image together with M={m} words per caption: no tile of at most "
                        f"{cells} cells ({str(regions.dtype).replace('torch.', '')}) holds a block of each; use "
                        "another backend")
-        elif (n > MAX_N_GRAD and opts.direction != "i2t" and torch.is_grad_enabled()
-              and (regions.requires_grad or words.requires_grad)):
-            out.append(f"gradients with N={n} regions per image > {MAX_N_GRAD} as the context (direction "
-                       f"{opts.direction!r}): the backward's 256-row Gram blocks need more shared memory than an "
-                       "H100 has (the forward alone is supported); use another backend")
     return out
 
 
