@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import mefn_fast
-from mefn_fast.bench.runner import (DTYPES, FLOORS, PEERS, TOLERANCE, WORKLOADS, check_against_reference,
-                                    make_inputs, make_step)
+from mefn_fast.bench.runner import (DTYPES, FLOORS, PEERS, TOLERANCE, WORKLOADS, backend_reasons,
+                                    check_against_reference, make_inputs, make_step)
 
 SMOKE_FACTOR = 0.05
 BACKENDS = [*FLOORS, *mefn_fast.backends.BACKENDS, *PEERS]
@@ -55,8 +55,7 @@ def test_bench(benchmark, workload, dtype_name, backward, backend):
         err = check_against_reference(w, backend, device, dtype)
         assert err <= TOLERANCE[dtype_name], f"{backend} differs from the reference by {err}"
     elif backend not in FLOORS:
-        probe = torch.empty(1, 1, 1, device=device, dtype=dtype)
-        reasons = mefn_fast.backends.BACKENDS[backend].reasons(probe, probe, mefn_fast.make_options(direction=w.direction))
+        reasons = backend_reasons(backend, device, dtype, w)
         if reasons:
             pytest.skip(f"{backend}: {'; '.join(reasons)}")
         if backend != "reference":

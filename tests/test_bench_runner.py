@@ -30,6 +30,27 @@ def test_workloads_are_the_named_ones():
     assert bench.plan_for("cpu") == [("eval-f30k-cpu", "fp32"), ("train-cpu", "fp32"), ("vit-patches", "fp32")]
 
 
+def test_backend_probe_requires_gradients_for_backward_workloads(monkeypatch):
+    """A backend that takes a shape's forward but not its gradients is left out of a
+    forward+backward workload (its probe inputs require gradients, under no_grad too) and kept for
+    the forward."""
+    from mefn_fast.backends import Backend
+    original, seen = Backend.reasons, []
+
+    def reasons(self, regions, words, opts):
+        if self.name != "cpu":
+            return original(self, regions, words, opts)
+        seen.append((tuple(regions.shape), regions.requires_grad and words.requires_grad, torch.is_grad_enabled()))
+        return ["no gradients here"] if regions.requires_grad else []
+    monkeypatch.setattr(Backend, "reasons", reasons)
+    w = replace(TINY, backward=True)
+    with torch.no_grad():
+        assert "cpu" not in bench.backends_for("cpu", torch.float32, None, w)
+    assert "cpu" in bench.backends_for("cpu", torch.float32, None, TINY)
+    assert seen == [((1, w.n, w.d), True, True), ((1, w.n, w.d), False, True)]
+    assert bench.backend_reasons("cpu", "cpu", torch.float32, w) == ["no gradients here"]
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_run_workload_rows(backward):
     w = replace(TINY, backward=backward)

@@ -514,19 +514,25 @@ def environment() -> dict:
                 backends=mefn_fast.available_backends())
 
 
-def backends_for(device: str, dtype: torch.dtype, requested: Optional[list], w: Optional[Workload] = None) -> list:
-    """The available backends that take this device, dtype (and workload's shapes); the reference always."""
+def backend_reasons(name: str, device: str, dtype: torch.dtype, w: Optional[Workload] = None) -> list:
+    """Why backend ``name`` cannot run this device, dtype and workload (empty: it can). The probe
+    inputs have the workload's shapes and, for a forward+backward workload, require gradients
+    (some backends take a shape's forward but not its gradients)."""
     n, m, d = (w.n, w.m, w.d) if w else (1, 1, 1)
-    regions = torch.empty(1, n, d, device=device, dtype=dtype)
-    words = torch.empty(1, m, d, device=device, dtype=dtype)
+    grad = bool(w and w.backward)
+    regions = torch.empty(1, n, d, device=device, dtype=dtype, requires_grad=grad)
+    words = torch.empty(1, m, d, device=device, dtype=dtype, requires_grad=grad)
     opts = mefn_fast.make_options(direction=w.direction if w else "t2i")
-    out = []
-    for name, b in mefn_fast.backends.BACKENDS.items():
-        if requested and name not in requested and name != "reference":
-            continue
-        if not b.reasons(regions, words, opts):
-            out.append(name)
-    return out
+    with torch.enable_grad():
+        return mefn_fast.backends.BACKENDS[name].reasons(regions, words, opts)
+
+
+def backends_for(device: str, dtype: torch.dtype, requested: Optional[list], w: Optional[Workload] = None) -> list:
+    """The available backends that take this device, dtype (and workload, see
+    :func:`backend_reasons`); the reference always."""
+    return [name for name in mefn_fast.backends.BACKENDS
+            if (not requested or name in requested or name == "reference")
+            and not backend_reasons(name, device, dtype, w)]
 
 
 def _fmt_bytes(x: Optional[float]) -> str:
