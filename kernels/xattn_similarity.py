@@ -8,8 +8,8 @@ One program computes one *tile*: the cosine matrix of an R block (the MMA's M si
 against a C block (the N side, ``BN`` columns), one ``tl.dot`` over chunks of d, and then every
 image x caption pair inside the tile down to its score. A block packs several items (images or
 captions) and only their valid rows, one segment of consecutive rows each: items are sorted by
-length and grouped by how many fit a block (at most 16; 8 on C when full-length items fill an
-eighth of it), so ragged captions lie back to back (varlen, as FlashAttention packs sequences).
+length and grouped by how many fit a block (at most 16; 8 on C in the backward when full-length
+items fill an eighth of it), so ragged captions lie back to back (varlen, as FlashAttention packs sequences).
 Eval shapes (N = 36 regions, 8..32 words, d = 1024): 3 images = 108 of 128 columns and 4-16
 captions, about 117 of 128 rows, instead of 64 padded context rows per image and 32 columns per
 caption. The tables are built on the device without a host sync (large grids read the block
@@ -17,13 +17,17 @@ counts back once, for an exact grid).
 
 * **Softmax along the columns.** A direction runs on a tile whose columns are its context: t2i
   on (words x regions), i2t on (regions x words), so the softmax over context rows runs along the
-  MMA's N axis (as in FlashAttention). ``direction="both"`` computes the tile once and runs i2t on
-  its transpose (one trip through shared memory; fp16 / bf16 hand the second direction a 16-bit
-  copy, made right after the first direction's last use of the float32 tile).
+  MMA's N axis (as in FlashAttention). ``direction="both"`` is one pass of each direction, each on
+  its own tiles (the second pass adds its half of the scores, and the gradients of the normalised
+  rows are summed before the normalisation's backward): a pass holds one direction's values only,
+  and both run on tiles of 128 rows (the i2t half of a fused pass ran on the transpose of the t2i
+  tile, whose 64 rows split every context sum over two warp groups).
 * **Segment sums on tensor cores.** Every per-item reduction (the softmax sums, sum_r A S,
   sum_r A (G A), the clipped-l2 norms over query positions, the weights, the aggregation) and every
   broadcast of a per-item value back to its cells is a ``tl.dot`` with the block's 0/1 segment
-  matrix: the packing costs no masked passes. The data is split into bfloat16 terms, two (16
+  matrix: the packing costs no masked passes. Every such product has N >= 16 (eight segments are
+  padded with zero columns): Triton 3.6 makes an N = 8 product an mma.sync whose operand
+  fragments, converted from the wgmma layout, spilled. The data is split into bfloat16 terms, two (16
   significant bits, float32's range) for fp16 / bf16 inputs and TF32, three (exact) for fp32.
 * **Gram form on tensor cores.** ``G A`` is one ``tl.dot`` with the C block's Gram matrix, block
   diagonal over its items, formed once per block by a prologue (fp16 for fp16 / bf16, float32
@@ -39,17 +43,20 @@ counts back once, for an exact grid).
   with rows outside 2^-40..2^40) multiply each row by s before the product, so features with
   norms of 1e30 or 1e-30 score and back-propagate right.
 
-Backward (deterministic, no atomics), in chunks of R blocks whose dS buffer stays under
-``BWD_CHUNK_BYTES``:
+Backward (deterministic, no atomics), one direction at a time, in chunks of R blocks whose
+tile buffers stay under ``BWD_CHUNK_BYTES``:
 
 * ``_bwd_tile_kernel``, one program per tile: recomputes the tile and the pair functions, writes
   dS (in the inputs' dtype for fp16 / bf16, scaled per tile into range, as FlashAttention rounds
-  dS) and each row's row of 2 dG of its own item (the Gram gradient);
+  dS) and the two factors of the tile's part of the Gram gradient, 2 dG = (A dd2)^T A (in the
+  Gram blocks' dtype, A dd2 scaled per tile);
 * ``_bwd_gemm_kernel`` twice: dX_hat of an R block = sum over C blocks of dS X_hat_C, of a C block =
   sum over the chunk's R blocks of dS^T X_hat_R (each program owns its rows; C rows add chunk
   after chunk, in order);
-* the host sums the Gram rows (``torch.sum``), adds 2 dG X_hat (``torch.bmm``) and finishes the
-  backward of the normalisation.
+* ``_bwd_gram_kernel``: 2 dG of a C block's items, the sum over the chunk's R blocks of
+  (A dd2)^T A, in sub-blocks of ``GRAM_GRAD_BLOCK`` (a 256-row ViT block: 4 x 4 programs);
+* the host adds 2 dG X_hat (``torch.bmm``), sums the directions and finishes the backward of the
+  normalisation.
 
 Precision
 ---------
@@ -64,27 +71,35 @@ Tested on
 ---------
 No GPU was available while this was written. Interpreter (``TRITON_INTERPRET=1``, Triton 3.8,
 torch 2.14 on CPU): every option, direction, ragged and odd shape, fp32 and fp16, forward and
-gradients, huge and tiny norms, the exact-max path, many blocks and chunks, against
-``mefn_fast.backends.reference`` (``tests/test_xattn_similarity_triton.py``). Compiled offline for
-``GPUTarget("cuda", 90, 64)`` with Triton 3.8 (CI) and 3.6 (the GPU machine's), at the
-configurations the launchers pick for the GPU workloads: ``tests/test_xattn_similarity_triton_compile.py``
-prints registers, spills, shared memory and wgmma use per kernel, and its docstring holds the
-measured table and the estimated ratio to the packed floor per workload (in short: wgmma in
-every forward, at most 134 KiB of shared memory; the eval forward spills 24 bytes a thread with
-Triton 3.8 and 168 with 3.6, the backward tile kernel kilobytes; eval about 2.2x the packed
-floor, train-gpu forward + backward about 4-5x, both short of their targets). Memory: the
-forward needs the inputs, the Gram blocks (32 KiB a block) and the scores only, so
-eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
+gradients, huge and tiny norms, the exact-max path, many blocks and chunks, contexts longer than
+a query block (the ViT shape, scaled down), against ``mefn_fast.backends.reference``
+(``tests/test_xattn_similarity_triton.py``). Compiled offline for ``GPUTarget("cuda", 90, 64)``
+with Triton 3.8 (CI) and 3.6 (the GPU machine's), at the configurations the launchers pick for
+the GPU workloads (``tests/test_xattn_similarity_triton_compile.py``, which prints registers,
+spills, shared memory and wgmma use per kernel; its docstring holds the table and the estimated
+ratio to the packed floor per workload). In short (bytes of spill stores a thread, Triton 3.8 /
+3.6): wgmma in every forward; no spills in the forwards of eval-f30k-gpu, eval-coco5k-gpu and
+train-gpu (128 x 128 at 8 warps, 255 registers, 96 KiB of shared memory), their autotuning
+candidates, the gradient GEMMs, the Gram-gradient GEMM and the prologues; the ViT forward
+(64 x 256) spills 3660 / 3554, the backward tile kernel 476 / 352 at train-gpu (128 x 64) and
+1172 / 756 at vit-patches (32 x 256); at most 146 KiB of shared memory. Estimated: eval about
+2.3x the packed floor, train-gpu forward + backward about 5x, vit-patches about 4x (targets 1.5x
+and 2x). Memory: the forward needs the inputs, the Gram blocks (32 KiB a block) and the scores
+only, so eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
 
 Known risks
 -----------
 * Not yet run on a GPU: speed and the TF32 and bf16 numerics are unmeasured (the interpreter's
   bf16 arithmetic is wrong, so bf16 is only tested on a GPU; its ``tl.dot`` is exact, so the TF32
   and split-bf16 products are checked with the same values multiplied in float32).
-* Register pressure: the forward holds the 128 x 128 float32 tile (64 registers
-  a thread at 8 warps) and two or three tile-sized temporaries at its peak; the backward tile
-  kernel recomputes the forward and back-propagates in one program. The way to zero spills, in
-  ``docs/design.md``: a training forward that saves per-item statistics, and context chunks.
+* Register pressure: the forward holds the 128 x 128 float32 tile (64 registers a thread at 8
+  warps) and two tile-sized temporaries at its peak, at 255 registers, so a change to the
+  epilogue can bring spills back (the compile test catches it). The ViT forward's 64-row tile
+  splits its columns over two warp groups and every context sum reshuffles them; the backward
+  tile kernel recomputes the forward and back-propagates in one program. The way on is in
+  ``docs/design.md``.
+* ``direction="both"`` runs each direction on its own tiles: twice the products of a fused pass
+  (forward, recomputation and gradient GEMMs), the price of tiles of 128 rows for both.
 * No warp specialisation in Triton 3.6 for Hopper: the tensor cores idle during the epilogue.
 * bf16 inputs pay one device-to-host sync a call to find rows outside 2^-40..2^40.
 """

@@ -8,8 +8,8 @@ against one C block (the N side, ``BN`` packed columns). A block packs several i
 captions), only their valid rows, one *segment* of consecutive rows per item (at most ``NSR`` /
 ``NSC`` segments a block). The host's tables say, for every block row, its flat input row
 (``item * L + position``, or -1) and its segment (or -1), and for every segment its item and
-length. A direction runs on a tile whose rows are its query positions and whose columns its
-context positions (the tile, or its transpose): the softmax runs along the MMA's N axis.
+length. A tile's rows are one direction's query positions and its columns their context
+positions (t2i: words x regions, i2t: regions x words): the softmax runs along the MMA's N axis.
 
 Segment sums and their broadcasts back to the tile are ``tl.dot`` products with the blocks'
 0/1 segment matrices, so they run on tensor cores for any packing (see ``_sdot``). No
@@ -311,8 +311,7 @@ def _segmax(x, seg, n_seg, init, AXIS: tl.constexpr, NS: tl.constexpr):
 
 # --------------------------------------------------------------------------------------------
 # One direction on a tile whose rows are the query positions and whose columns are the context
-# positions (docs/math.md, steps 3-8). t2i runs on the tile (words x regions), i2t on its
-# transpose. "Small" tensors hold one value per (query position, context item): (rows, NS);
+# positions (docs/math.md, steps 3-8): words x regions for t2i, regions x words for i2t. "Small" tensors hold one value per (query position, context item): (rows, NS);
 # "pair" tensors one per (query item, context item): (NS, NS). Context sums are (tile @ ohc),
 # their broadcasts (small @ ohc^T); query sums (ohq^T @ .), their broadcasts (ohq @ .).
 # --------------------------------------------------------------------------------------------

@@ -10,59 +10,69 @@ output strides are not specialised on, so these are the kernels of the full-size
 Each distinct kernel is compiled once (eval-f30k-gpu and eval-coco5k-gpu share theirs) with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 64)``, in a subprocess (other test modules set
 ``TRITON_INTERPRET``), and ptxas ``-v`` reports its registers and spills. The test prints a table
-and asserts: wgmma in every forward's PTX, shared memory <= 227 KiB everywhere, forward and
-backward spills within the bounds below. The compiles run in ``MEFN_COMPILE_PROCS`` processes
-(default: the CPU count); about 5 minutes on 2 busy cores, seconds with a warm Triton cache.
+and asserts: wgmma in every forward's PTX, shared memory <= 227 KiB everywhere, no spills in the
+forwards of the eval and training workloads, and spills within the bounds below elsewhere. The
+compiles run in ``MEFN_COMPILE_PROCS`` processes (default: the CPU count); about 80 s on 2 cores
+with an empty Triton cache, seconds with a warm one.
 
-Measured (ptxas 12.9 of the Triton wheels, sm_90a; bytes of spill stores a thread, Triton 3.8 /
-3.6; every forward uses wgmma; the test prints the current numbers):
+Measured (ptxas of the Triton wheels, sm_90a; bytes of spill stores a thread with Triton 3.8 /
+3.6, the GPU machine's; fp16 and bf16 alike; the test prints the current numbers):
 
-===================  ==================  =========  =========  ==============  ========
-kernel               workload            dtype      tile       spills (B)      smem KiB
-===================  ==================  =========  =========  ==============  ========
-forward, t2i         eval-f30k, coco5k   fp16/bf16  128 x 128  24 / 168        96
-forward, both        train-gpu           fp16/bf16  128 x 128  424 / 680       96
-forward, t2i         vit-patches         fp16/bf16  64 x 256   6596 / 4688     134
-backward tile, both  train-gpu           fp16/bf16  64 x 128   4500 / 5688     72
-gradient GEMMs       train-gpu           fp16/bf16  64 x 128   0 / 0           96
-row norms, Gram      all                 fp16/bf16  -          0 / 0           <= 80
-===================  ==================  =========  =========  ==============  ========
+========================  ==================  =========  =====  =======  ===========  ========
+kernel                    workload            tile       warps  regs     spills (B)   smem KiB
+========================  ==================  =========  =====  =======  ===========  ========
+forward (t2i, i2t)        eval-f30k, coco5k,  128 x 128  8      255      0 / 0        96
+                          train-gpu
+forward, autotuning       eval-f30k fp16      128 x 128  8      255      0 / 0        68-128
+forward (t2i)             vit-patches         64 x 256   8      255      3660 / 3554  138
+backward tile (t2i, i2t)  train-gpu           128 x 64   8      255      476 / 352    72
+backward tile (t2i)       vit-patches         32 x 256   8      255      1172 / 756   145-146
+gradient GEMMs            train-gpu, vit      -          8      80-209   0 / 0        64-96
+Gram-gradient GEMM        train-gpu, vit      -          4      139-186  0 / 0        24-96
+row norms, Gram blocks    all                 -          4-8    48-202   0 / 0        <= 80
+========================  ==================  =========  =====  =======  ===========  ========
 
-(The eval forward's autotuning candidates, 2-4 stages and a 128-wide chunk of d, take 68-128 KiB.)
-Registers: 255 in the forward and backward tile kernels, 106-190 in the GEMMs.
+Bounds: forward spills 0 at eval-f30k-gpu, eval-coco5k-gpu and train-gpu; elsewhere the
+measurements with a margin (ptxas's allocation moves by a hundred bytes between Triton versions):
+ViT forward 4096, backward tile kernel 640 at train-gpu and 1536 at vit-patches, 0 in every
+other kernel. What got the forward to zero: one direction a pass (``both`` is two passes, each
+on tiles of 128 rows), context sums with N >= 16 (Triton 3.6 made N = 8 products mma.sync
+instructions whose operand fragments spilled), and 16 context segments a block in the forward.
+The ViT tile has 64 rows, so its columns are split over two warp groups and every context sum
+reshuffles them; the backward tile kernel recomputes the forward and back-propagates in one
+program. The next steps are in ``docs/design.md``.
 
-Not spill-free, so the bounds below are these measurements with a margin. The forward's epilogue
-holds the 128 x 128 float32 tile (64 registers a thread at 8 warps) and two tile-sized
-temporaries at its peak; ptxas spills a few registers there, stored and reloaded once a program.
-The fused ``both`` forward also carries the 16-bit copy of the tile for its second direction;
-the ViT tile (64 x 256) splits its rows over two warp groups, so every segment sum reshuffles
-them. The backward tile kernel recomputes the forward and back-propagates through it in one
-program (a single direction at 128 x 64 spills 844 bytes; ``both``'s transposed half is the
-rest). The way to zero is in ``docs/design.md``.
+Estimated ratio to the packed floor (one cuBLAS product over the valid rows, three with the
+backward), counted per program on an H100 SXM (2048 fp16 MAC / clock / SM on tensor cores, 128
+CUDA-core instructions / clock / SM, 64 B / clock / SM from L2; one program an SM: 255 registers
+at 8 warps, so the epilogue does not overlap the next tile's product):
 
-Estimated ratio to the packed floor (one cuBLAS product over the valid rows), counted per
-program on an H100 SXM (2048 fp16 MAC / clock / SM, 128 CUDA-core instructions / clock / SM):
-
-* eval-f30k-gpu fp16, eval-coco5k-gpu bf16: a tile's product is 8192 clocks at peak, of which
-  1 - 0.77 is padding (108 of 128 columns, about 117 of 128 rows); its loads (gathered rows, no
-  TMA, 64 B / clock / SM from L2) hold it near 70 % of peak (11700 clocks); the epilogue adds about
-  5000 clocks of CUDA-core work (some 40 instructions a cell) and 3000 of small tensor-core
-  products, not overlapped with the product (one program an SM). About 20000 clocks a tile
-  against 8900 for the floor's share: about 2.2x (target 1.5x: it needs an epilogue that
-  overlaps the next tile's product, as FlashAttention 3's ping-ponged consumer warp groups do).
-  Bounded memory at coco5k: scores (0.5 GiB), Gram blocks (55 MiB), tables.
-* train-gpu bf16 forward + backward: the forward runs two epilogues on its tile (about 29000
-  clocks a tile), the backward recomputes at 64 x 128 with two epilogues each way and 4.5 KB of
-  spills (about 54000 clocks a 128 x 128 tile's worth) and two gradient GEMMs at about 60 % of peak
-  (27000), against 26600 for the floor's three products, plus some ten launches against a 0.1 ms
-  floor: about 4-5x (target 2x).
-* vit-patches bf16: forward about 3-4x; gradients through its 256-row context blocks are
-  refused by the backend.
+* eval-f30k-gpu fp16, eval-coco5k-gpu bf16 (128 x 128 tiles, d = 1024): the product is 8192
+  clocks at peak, of which 0.77 is useful (108 of 128 columns, about 117 of 128 rows); its 512
+  KiB of gathered rows (no TMA) hold it near 70 % of peak (11700 clocks); the epilogue adds about
+  5100 clocks of CUDA-core work (some 40 instructions a cell) and 3500 of small tensor-core
+  products. About 20300 clocks a tile against 8900 for the floor's share: about 2.3x (target
+  1.5x: it needs the epilogue to overlap the next tile's product, as FlashAttention 3's
+  ping-ponged warp groups do). Bounded memory at coco5k: scores (0.5 GiB), Gram blocks (55 MiB).
+* train-gpu bf16 forward + backward, per 128 x 128 cells of pairs: two forward passes (40600
+  clocks); per direction two 128 x 64 backward tiles, load-bound (12000 clocks for the
+  products), with about 100 instructions a cell (12800), small products (7000) and their spill
+  traffic (3000), so 70000 for both directions; four gradient GEMMs at about 60 % of peak
+  (54000) and the Gram-gradient GEMM (500). About 165000 clocks against 26700 for the floor's
+  three products, plus some 14 launches against a 0.1 ms floor: about 6-7x (target 2x). A fused
+  ``both`` (one product, one recomputation, two GEMMs: 4.3-4.9 KB of spills a thread) would
+  count about 4-5x if its spills were free, which they are not (1.1 MB of local-memory traffic a
+  tile, three times its inputs).
+* vit-patches bf16 forward + backward (t2i, 64 x 256 forward tiles, 0.72 useful): forward about
+  22000 clocks a tile with its spills against 4200 (about 5x); backward two 32 x 256 tiles on
+  mma.sync (17000 for the products), their epilogues and spills (18000), two gradient GEMMs
+  (13600) and the Gram-gradient GEMM (2000): about 5-6x overall.
 
 Tested on: no GPU was available; these are compiles for sm_90 only. Known risks (as
-FlashAttention's Triton module lists them): register pressure as above; shared memory of the
-ViT configuration; the TF32 and bf16 numerics are exercised only on a GPU; performance
-unmeasured until ``benchmarks/gpu_check.sh`` runs on a lent H100 / H200.
+FlashAttention's Triton module lists them): register pressure as above (the forward sits at
+255 registers: a change to its epilogue can bring spills back, and this test catches it);
+shared memory of the ViT configurations; the TF32 and bf16 numerics are exercised only on a GPU;
+performance unmeasured until ``benchmarks/gpu_check.sh`` runs on a lent H100 / H200.
 """
 from __future__ import annotations
 
