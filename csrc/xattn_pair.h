@@ -114,6 +114,7 @@ struct EpilogueJob {
   T* E = nullptr;        int64_t lde = 0;   // e = exp(L - mx), padded rows 0
   const T* GE = nullptr; int64_t ldg = 0;   // G E, the caller's batched product
   T* D = nullptr;        int64_t ldd = 0;   // backward scratch: dA, then E~ = e inv^2 du
+  T* dE = nullptr;       int64_t ldde = 0;  // backward, clipped_l2norm: dScore/dE
   T* dS = nullptr;       int64_t ldds = 0;  // backward: dScore/dS of the panel's entries
   T* st = nullptr;       // statistics (kNumStats x nc x cols)
   T* rho = nullptr;      // clipped row norms (nc n_pad x nq)
@@ -177,6 +178,9 @@ MEFN_HOST_DEVICE double lanes_below(double x, int64_t k, int64_t m) { return k <
 // the sum of the lanes, in a fixed order
 MEFN_HOST_DEVICE float lanes_sum(float x) { return x; }
 MEFN_HOST_DEVICE double lanes_sum(double x) { return x; }
+// stores the first n lanes of x at p (n >= 1)
+MEFN_HOST_DEVICE void lanes_store_first(float* p, float x, int64_t) { *p = x; }
+MEFN_HOST_DEVICE void lanes_store_first(double* p, double x, int64_t) { *p = x; }
 
 #ifndef __CUDA_ARCH__
 // Cephes' expf and logf as plain arithmetic (no libm call), so that a compiler vectorises the
@@ -216,6 +220,12 @@ inline vfloat lanes_below(vfloat x, int64_t k, int64_t m) {
 inline vdouble lanes_below(vdouble x, int64_t k, int64_t m) {
   const vdouble idx = {0, 1, 2, 3, 4, 5, 6, 7};
   return idx < double(m - k) ? x : vdouble{};
+}
+inline void lanes_store_first(float* p, vfloat x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = x[i];
+}
+inline void lanes_store_first(double* p, vdouble x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = x[i];
 }
 inline float lanes_sum(vfloat v) {
   typedef float v8 __attribute__((vector_size(32)));
@@ -336,9 +346,9 @@ MEFN_HOST_DEVICE V leaky(V s) { return m_max(s, s * T(kLeakySlope)); }
 //   segment_sumsq: sum_k leaky(S_k)^2 over the m valid columns, = rho^2;
 //   clip_factor:   c = lambda / (rho + 1e-8);
 //   segment_scale: the logits L_k = c leaky(S_k), 0 on the padded columns.
-// With SIMD lanes (W > 1) they read up to W - 1 entries past S[w) and segment_scale writes as
-// many past L[w): the caller's buffers have that slack (kTileSlack), and the next item's call
-// (or the next row's) overwrites what spills into it.
+// With SIMD lanes (W > 1) they read up to W - 1 entries past S[w) (the caller's buffers have that
+// slack, kTileSlack), and segment_scale may write whole vectors up to `room` entries from L
+// (the rest of the row: the next items' calls overwrite what spills into them), lane by lane past it.
 template <typename V, typename T>
 MEFN_HOST_DEVICE T segment_sumsq(const T* S, int64_t m) {
   using Ln = Lanes<V>;
@@ -354,9 +364,13 @@ template <typename T>
 MEFN_HOST_DEVICE T clip_factor(T rho, T lam) { return lam / (rho + T(kClipEps)); }
 
 template <typename V, typename T>
-MEFN_HOST_DEVICE void segment_scale(const T* S, T* L, int64_t m, int64_t w, T c) {
+MEFN_HOST_DEVICE void segment_scale(const T* S, T* L, int64_t m, int64_t w, T c, int64_t room) {
   using Ln = Lanes<V>;
-  for (int64_t k = 0; k < w; k += Ln::W) Ln::store(L + k, lanes_below(leaky<V, T>(Ln::load(S + k)), k, m) * c);
+  for (int64_t k = 0; k < w; k += Ln::W) {
+    const V x = lanes_below(leaky<V, T>(Ln::load(S + k)), k, m) * c;
+    if (k + Ln::W <= room) Ln::store(L + k, x);
+    else lanes_store_first(L + k, x, w - k);
+  }
 }
 
 // The logit of row r (lanes = columns): from L (clipped) or lambda S.
@@ -503,13 +517,14 @@ MEFN_HOST_DEVICE void segment_backward(T g, const T* H, const T* R, int64_t m, i
 //   dnum = dR / sqrt(max(u, eps)),  du = u > eps ? -dR R / (2 u) : 0,
 //   dA   = dnum S + 2 du GA,        dL = A (dA - sum_r A dA) - dH A (log A + H),
 // log A = (L - mx) - log sum (no large cancelling terms when lambda is large). Writes
-// dS = dnum A + lambda dL (clipped_l2norm: dnum A, and lambda dL into L for
-// segment_clip_backward) and E~ = e inv^2 du into D (after using D for dA), for dG += E~ E^T.
-// Rows n..n_pad of dS and D are set to 0.
+// dS = dnum A + lambda dL (clipped_l2norm: dnum A, and dE = lambda dL for segment_clip_backward)
+// and E~ = e inv^2 du into D (after using D for dA), for dG += E~ E^T. Rows n..n_pad of dS and D
+// are set to 0. Reads the forward's S, L, E and G E only.
 template <typename V, typename T>
-MEFN_HOST_DEVICE void strip_backward(const T* S, int64_t lds, T* L, int64_t ldl, bool clipped, T lam, int64_t n,
+MEFN_HOST_DEVICE void strip_backward(const T* S, int64_t lds, const T* L, int64_t ldl, bool clipped, T lam, int64_t n,
                                      int64_t n_pad, const T* E, int64_t lde, const T* GE, int64_t ldg, T* D,
-                                     int64_t ldd, T* dS, int64_t ldds, const T* st, int64_t sst) {
+                                     int64_t ldd, T* dE, int64_t ldde, T* dS, int64_t ldds, const T* st,
+                                     int64_t sst) {
   using Ln = Lanes<V>;
   const V inv = Ln::load(st + kInv * sst), mx = Ln::load(st + kMx * sst), log_sum = Ln::load(st + kLogSum * sst);
   const V H = Ln::load(st + kH * sst), u = Ln::load(st + kU * sst), R = Ln::load(st + kR * sst);
@@ -533,7 +548,7 @@ MEFN_HOST_DEVICE void strip_backward(const T* S, int64_t lds, T* L, int64_t ldl,
     const V dL = A * (Ln::load(D + r * ldd) - dot) - dH * A * (log_a + H);
     if (clipped) {
       Ln::store(dS + r * ldds, dnum * A);
-      Ln::store(L + r * ldl, lam * dL);
+      Ln::store(dE + r * ldde, lam * dL);
     } else {
       Ln::store(dS + r * ldds, dnum * A + lam * dL);
     }
@@ -551,10 +566,10 @@ MEFN_HOST_DEVICE void strip_backward(const T* S, int64_t lds, T* L, int64_t ldl,
 // the projection form, which keeps the tiny true gradient of an item with one valid column
 // (E = +-1 for any P) instead of cancelling two large terms; P^ by division, so that for m = 1
 // P^ = +-1 exactly and the bracket cancels exactly. A zero row has P^ = 0. Adds dS += dP dP/dS
-// on the m valid columns (with SIMD lanes, reads and rewrites unchanged up to W - 1 entries past
-// them, like segment_scale).
+// on the m valid columns (with SIMD lanes, reads up to W - 1 entries past them and rewrites them
+// unchanged within `room`, like segment_scale).
 template <typename V, typename T>
-MEFN_HOST_DEVICE void segment_clip_backward(const T* S, const T* dE, T rho, int64_t m, T* dS) {
+MEFN_HOST_DEVICE void segment_clip_backward(const T* S, const T* dE, T rho, int64_t m, T* dS, int64_t room) {
   using Ln = Lanes<V>;
   const T r = rho > T(0) ? rho : T(1);
   const T on = rho > T(0) ? T(1) : T(0);
@@ -567,7 +582,9 @@ MEFN_HOST_DEVICE void segment_clip_backward(const T* S, const T* dE, T rho, int6
     const V s = Ln::load(S + k);
     const V pq = on * (leaky<V, T>(s) / r) * q;
     const V dP = c * ((Ln::load(dE + k) - pq) + T(kClipEps) * c * pq);
-    Ln::store(dS + k, Ln::load(dS + k) + lanes_below(sel_pos(s, dP, dP * T(kLeakySlope)), k, m));
+    const V x = Ln::load(dS + k) + lanes_below(sel_pos(s, dP, dP * T(kLeakySlope)), k, m);
+    if (k + Ln::W <= room) Ln::store(dS + k, x);
+    else lanes_store_first(dS + k, x, m - k);
   }
 }
 

@@ -36,6 +36,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <utility>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -93,7 +95,7 @@ template <typename T>
 struct CpuKernels {
   void (*fwd_softmax)(const EpilogueJob<T>&);
   void (*fwd_attend_score)(const EpilogueJob<T>&);
-  void (*bwd_elementwise)(const EpilogueJob<T>&);
+  void (*bwd_epilogue)(const EpilogueJob<T>&);
   void (*pack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, T*, double*);
   void (*unpack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, const T*, const double*, T*);
   void (*transpose)(T*, int64_t, const T*, int64_t, int64_t, int64_t, bool);
@@ -101,7 +103,7 @@ struct CpuKernels {
 
 #define MEFN_CPU_KERNELS(NS)                                                                             \
   CpuKernels<T> {                                                                                       \
-    &NS::cpu::fwd_softmax<T>, &NS::cpu::fwd_attend_score<T>, &NS::cpu::bwd_elementwise<T>,              \
+    &NS::cpu::fwd_softmax<T>, &NS::cpu::fwd_attend_score<T>, &NS::cpu::bwd_epilogue<T>,                 \
         &NS::cpu::pack_rows<T>, &NS::cpu::unpack_rows<T>, &NS::cpu::transpose<T>                        \
   }
 
@@ -136,6 +138,66 @@ CpuKernels<T> cpu_kernels() {
   return MEFN_CPU_KERNELS(mefn);
 }
 
+// Freed big buffers, kept for the next call: glibc returns allocations above its mmap threshold
+// (at most 32 MiB) to the kernel when they are freed, and every fresh page then costs a fault and
+// a zeroing on first touch (measured: about an eighth of a training step's time). A buffer goes
+// back here when its last tensor dies (for the saved tiles, when autograd frees them); a request
+// takes the smallest cached buffer that fits and is at most twice as large. At most kMaxBuffers
+// buffers and kMaxBytes bytes are kept.
+class BufferCache {
+ public:
+  static at::Tensor empty(int64_t numel, const at::TensorOptions& opts) { return instance().get(numel, opts); }
+
+ private:
+  static constexpr size_t kMaxBuffers = 16;
+  static constexpr size_t kMaxBytes = size_t(1) << 30;
+  static constexpr size_t kSmall = size_t(1) << 20;  // below this, malloc reuses memory well
+
+  static BufferCache& instance() {
+    static BufferCache* cache = new BufferCache();  // never destroyed: tensors may outlive static destruction
+    return *cache;
+  }
+  at::Tensor get(int64_t numel, const at::TensorOptions& opts) {
+    const size_t bytes = size_t(std::max<int64_t>(numel, 1)) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+    if (bytes < kSmall) return at::empty({numel}, opts);
+    void* ptr = nullptr;
+    size_t cap = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].first >= bytes && free_[i].first <= 2 * bytes && (best == free_.size() || free_[i].first < free_[best].first))
+          best = i;
+      if (best < free_.size()) {
+        cap = free_[best].first;
+        ptr = free_[best].second;
+        held_ -= cap;
+        free_.erase(free_.begin() + best);
+      }
+    }
+    if (ptr == nullptr) {
+      cap = (bytes + 4095) / 4096 * 4096;
+      ptr = std::aligned_alloc(4096, cap);
+      TORCH_CHECK(ptr != nullptr, "xattn_similarity (CPU kernel): out of memory allocating ", cap, " bytes");
+    }
+    return at::from_blob(ptr, {numel}, [cap](void* p) { instance().put(p, cap); }, opts);
+  }
+  void put(void* p, size_t cap) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_.size() < kMaxBuffers && held_ + cap <= kMaxBytes) {
+        free_.push_back({cap, p});
+        held_ += cap;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t held_ = 0;
+};
+
 // A CPU tensor over a host vector (no copy; the vector outlives the tensor's use).
 at::Tensor host_tensor(const std::vector<int64_t>& v) {
   return at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::TensorOptions().dtype(at::kLong));
@@ -163,20 +225,22 @@ struct CpuDev {
   template <class F>
   void for_tasks(int64_t n, double work, F&& f) {
     if (n <= 0) return;
-    if (n == 1 || work < kSerialWork || at::get_num_threads() == 1) {
-      Workspace ws;
-      for (int64_t task = 0; task < n; ++task) f(task, ws);
+    if (n == 1 || work < kSerialWork || threads_ == 1) {
+      for (int64_t task = 0; task < n; ++task) f(task, ws_[0]);
       return;
     }
     std::atomic<int64_t> next{0};
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+    const int64_t threads = std::min<int64_t>(threads_, n);
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        Workspace ws;
-        for (int64_t task = next++; task < n; task = next++) f(task, ws);
+        for (int64_t task = next++; task < n; task = next++) f(task, ws_[t]);
       }
     });
   }
+  // one workspace per thread for the whole call (buffers are reused from loop to loop)
+  int64_t threads_ = at::get_num_threads();
+  std::vector<Workspace> ws_ = std::vector<Workspace>(threads_, Workspace{&BufferCache::empty, {}});
+  at::Tensor empty(int64_t numel, const at::TensorOptions& opts) const { return BufferCache::empty(numel, opts); }
 
   void pack(const at::Tensor& x, const SidePlan& p, const SideMeta&, int64_t b0, int64_t b1, at::Tensor& out,
             at::Tensor* norms) {
@@ -189,6 +253,7 @@ struct CpuDev {
     });
   }
 
+  // every row of grad (uninitialised): the valid ones from dX, the caller's padding rows 0
   void unpack_grad(const at::Tensor& x, const SidePlan& p, const SideMeta&, const at::Tensor& dX,
                    const at::Tensor& norms, at::Tensor& grad) {
     const int64_t d = x.size(2);
@@ -199,6 +264,10 @@ struct CpuDev {
     at::parallel_for(0, p.rows, 64, [&](int64_t a, int64_t b) {
       k.unpack_rows(xp, d, p.src_row.data(), a, b, dp + a * d, np + a, gp);
     });
+    for (int64_t s = 0; s < p.B; ++s) {
+      T* g = gp + (p.order[s] * p.L + p.len[s]) * d;
+      std::fill(g, g + (p.L - p.len[s]) * d, T(0));
+    }
   }
 
   // dst (c x r) = (or +=) src (r x c)^T; rows of unit stride
@@ -231,15 +300,17 @@ struct CpuDev {
     at::Tensor o = out;
     o.baddbmm_(a, b, 1, alpha);
   }
-  // out += a b, or a^T b
-  void addmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_a, Workspace&) {
+  // out (+)= a b, or a^T b
+  void addmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_a, bool accumulate,
+             Workspace&) {
     at::Tensor o = out;
-    o.addmm_(transpose_a ? a.t() : a, b);
+    if (accumulate) o.addmm_(transpose_a ? a.t() : a, b);
+    else at::mm_out(o, transpose_a ? a.t() : a, b);
   }
 
   void fwd_softmax(const EpilogueJob<T>& j) { k.fwd_softmax(j); }
   void fwd_attend_score(const EpilogueJob<T>& j) { k.fwd_attend_score(j); }
-  void bwd_elementwise(const EpilogueJob<T>& j) { k.bwd_elementwise(j); }
+  void bwd_epilogue(const EpilogueJob<T>& j) { k.bwd_epilogue(j); }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -314,9 +385,15 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_scores, c
                                                 bool need_grad_words) {
   const CallInputs c = check_inputs(regions, region_lengths, words, word_lengths, o);
   at::Tensor grad = grad_in(grad_scores, regions, words);
-  at::Tensor gr = need_grad_regions ? at::zeros_like(c.regions) : at::empty({0}, regions.options());
-  at::Tensor gw = need_grad_words ? at::zeros_like(c.words) : at::empty({0}, words.options());
-  if (grad.numel() == 0 || (!need_grad_regions && !need_grad_words)) return {gr, gw};
+  // gradients: every row is written by the backward (padding rows 0)
+  at::Tensor gr = need_grad_regions ? at::empty_like(c.regions) : at::empty({0}, regions.options());
+  at::Tensor gw = need_grad_words ? at::empty_like(c.words) : at::empty({0}, words.options());
+  if (grad.numel() == 0) {
+    gr.zero_();
+    gw.zero_();
+    return {gr, gw};
+  }
+  if (!need_grad_regions && !need_grad_words) return {gr, gw};
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "xattn_similarity_bwd_cpu", [&] {
     CpuDev<scalar_t> dev;
     Blocked<scalar_t, CpuDev<scalar_t>> b(dev, c);

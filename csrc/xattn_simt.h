@@ -32,7 +32,7 @@ struct ClipRows {
     const float rho = m_sqrt(segment_sumsq<float, float>(j.S + row * j.lds + q * j.w, j.q_len[q]));
     j.rho[row * j.nq + q] = rho;
     segment_scale<float, float>(j.S + row * j.lds + q * j.w, j.L + row * j.ldl + q * j.w, j.q_len[q], j.w,
-                                clip_factor(rho, j.p.lambda));
+                                clip_factor(rho, j.p.lambda), j.w);
   }
 };
 
@@ -83,7 +83,7 @@ struct BackwardItems {
   }
 };
 
-// the backward of one column: dS, and E~ for dG
+// the backward of one column: dS (and dE), and E~ for dG
 struct BackwardColumns {
   Job j;
   MEFN_HOST_DEVICE int64_t size() const { return j.nc * j.cols(); }
@@ -91,8 +91,8 @@ struct BackwardColumns {
     const int64_t cols = j.cols(), c = i / cols, k = i % cols, o = c * j.n_pad;
     strip_backward<float, float>(j.S + o * j.lds + k, j.lds, j.L + o * j.ldl + k, j.ldl, j.p.clipped, j.p.lambda,
                                  j.c_len[c], j.n_pad, j.E + o * j.lde + k, j.lde, j.GE + o * j.ldg + k, j.ldg,
-                                 j.D + o * j.ldd + k, j.ldd, j.dS + o * j.ldds + k, j.ldds, j.stat(kInv, c) + k,
-                                 j.nc * cols);
+                                 j.D + o * j.ldd + k, j.ldd, j.p.clipped ? j.dE + o * j.ldde + k : nullptr, j.ldde,
+                                 j.dS + o * j.ldds + k, j.ldds, j.stat(kInv, c) + k, j.nc * cols);
   }
 };
 
@@ -104,8 +104,8 @@ struct ClipBackwardRows {
     const int64_t q = i % j.nq, cr = i / j.nq, c = cr / j.n_pad, r = cr % j.n_pad;
     if (r >= j.c_len[c]) return;
     const int64_t row = c * j.n_pad + r;
-    segment_clip_backward<float, float>(j.S + row * j.lds + q * j.w, j.L + row * j.ldl + q * j.w,
-                                        j.rho[row * j.nq + q], j.q_len[q], j.dS + row * j.ldds + q * j.w);
+    segment_clip_backward<float, float>(j.S + row * j.lds + q * j.w, j.dE + row * j.ldde + q * j.w,
+                                        j.rho[row * j.nq + q], j.q_len[q], j.dS + row * j.ldds + q * j.w, j.w);
   }
 };
 

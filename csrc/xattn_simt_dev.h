@@ -49,10 +49,13 @@ struct SimtDev {
     return {dev(p.len), dev(p.order), dev(p.src_row)};
   }
 
-  // tasks in order, on the current stream
+  // buffers from the device's caching allocator
+  at::Tensor empty(int64_t numel, const at::TensorOptions& opts) const { return at::empty({numel}, opts); }
+
+  // tasks in order, on the current stream, with one workspace for the whole call
+  Workspace ws;
   template <class F>
   void for_tasks(int64_t n, double, F&& f) {
-    Workspace ws;
     for (int64_t task = 0; task < n; ++task) f(task, ws);
   }
 
@@ -66,8 +69,10 @@ struct SimtDev {
     });
   }
 
+  // every row of grad: the valid ones from dX, the others 0
   void unpack_grad(const at::Tensor& x, const SidePlan& p, const SideMeta& meta, const at::Tensor& dX,
                    const at::Tensor& norms, at::Tensor& grad) {
+    grad.zero_();
     MEFN_SIMT_DISPATCH(x.scalar_type(), "xattn_simt_unpack", [&] {
       exec.launch(simt::UnpackRows<scalar_t>{x.data_ptr<scalar_t>(), x.size(2), meta.src_row.data_ptr<int64_t>(),
                                              p.rows, dX.data_ptr<float>(), norms.data_ptr<double>(),
@@ -96,18 +101,21 @@ struct SimtDev {
     at::Tensor o = out;
     o.baddbmm_(a, b.to(at::kFloat), 1, alpha);
   }
-  // out += a b (or a^T b), a float, b in the packed rows' dtype: for half b, a is rounded to it so
-  // that the product runs on tensor cores, with float accumulation
-  void addmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_a, Workspace&) {
+  // out (+)= a b (or a^T b), a float, b in the packed rows' dtype: for half b, a is rounded to it
+  // so that the product runs on tensor cores, with float accumulation
+  void addmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_a, bool accumulate,
+             Workspace&) {
     at::Tensor o = out;
     const at::Tensor ta = transpose_a ? a.t() : a;
-    if (b.scalar_type() == at::kFloat) {
+    if (!accumulate) {
+      exec.mm_f32(o, b.scalar_type() == at::kFloat ? ta : ta.to(b.scalar_type()), b);
+    } else if (b.scalar_type() == at::kFloat) {
       o.addmm_(ta, b);
-      return;
+    } else {
+      at::Tensor prod = at::empty(o.sizes(), o.options());
+      exec.mm_f32(prod, ta.to(b.scalar_type()), b);
+      o.add_(prod);
     }
-    at::Tensor prod = at::empty(o.sizes(), o.options());
-    exec.mm_f32(prod, ta.to(b.scalar_type()), b);
-    o.add_(prod);
   }
 
   void fwd_softmax(const EpilogueJob<float>& j) {
@@ -118,7 +126,9 @@ struct SimtDev {
     exec.launch(simt::AttendColumns{j});
     exec.launch(simt::ScoreItems{j});
   }
-  void bwd_elementwise(const EpilogueJob<float>& j) {
+  // the backward's recompute of the softmax, then its elementwise backward
+  void bwd_epilogue(const EpilogueJob<float>& j) {
+    fwd_softmax(j);
     exec.launch(simt::AttendColumns{j});
     exec.launch(simt::BackwardItems{j});
     exec.launch(simt::BackwardColumns{j});
@@ -187,9 +197,15 @@ std::tuple<at::Tensor, at::Tensor> simt_backward(Exec exec, const at::Tensor& gr
   TORCH_CHECK(at::isFloatingType(grad_scores.scalar_type()),
               "xattn_similarity_bwd: grad_scores must be floating point; got ", grad_scores.scalar_type());
   at::Tensor grad = grad_scores.to(at::kFloat).contiguous();
-  at::Tensor gr = need_grad_regions ? at::zeros_like(c.regions) : at::empty({0}, c.regions.options());
-  at::Tensor gw = need_grad_words ? at::zeros_like(c.words) : at::empty({0}, c.words.options());
-  if (grad.numel() == 0 || (!need_grad_regions && !need_grad_words)) return {gr, gw};
+  // gradients: every row is written by the backward (padding rows 0)
+  at::Tensor gr = need_grad_regions ? at::empty_like(c.regions) : at::empty({0}, c.regions.options());
+  at::Tensor gw = need_grad_words ? at::empty_like(c.words) : at::empty({0}, c.words.options());
+  if (grad.numel() == 0) {
+    gr.zero_();
+    gw.zero_();
+    return {gr, gw};
+  }
+  if (!need_grad_regions && !need_grad_words) return {gr, gw};
   SimtDev<Exec> dev{exec, block_cap};
   Blocked<float, SimtDev<Exec>> b(dev, c);
   at::Tensor s = saved.defined() ? saved : at::empty({0}, c.regions.options().dtype(at::kFloat));

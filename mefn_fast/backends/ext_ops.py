@@ -153,12 +153,13 @@ def _setup_context_saved(ctx, inputs, output):
     ctx.options = tuple(inputs[4:4 + _N_OPTIONS])
     ctx.budget = inputs[4 + _N_OPTIONS]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient the size of `saved`
 
 
 def _backward_saved(ctx, grad_scores, grad_saved):
     regions, region_lengths, words, word_lengths, saved = ctx.saved_tensors
     need_r, need_w = _needs(ctx)
-    if not (need_r or need_w):
+    if grad_scores is None or not (need_r or need_w):
         return (None,) * (5 + _N_OPTIONS)
     gr, gw = bwd_saved_op(grad_scores.contiguous(), regions, region_lengths, words, word_lengths, saved, *ctx.options,
                           ctx.budget, need_r, need_w)
