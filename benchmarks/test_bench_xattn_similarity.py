@@ -1,12 +1,13 @@
-"""pytest-benchmark suite: every named workload (docs/math.md), every backend, forward and
-forward+backward, plus the matrix-product floor.
+"""pytest-benchmark suite: every named workload (docs/math.md), every backend and peer, forward and
+forward+backward, plus the two matrix-product floors.
 
     .venv/bin/python -m pytest benchmarks --benchmark-enable        # timed, full sizes
     .venv/bin/python -m pytest benchmarks                           # smoke: once each, reduced sizes
 
 pytest.ini disables timing by default, so the test command (and CI) runs every case once as a
-smoke test, on a reduced size. Every case first checks the backend against the reference on a
-small version of the workload. For ratios measured in one run, interleaved, with memory and plots,
+smoke test, on a reduced size (the compiled peer only when timing: its compilation takes a minute
+per case). Every case first checks the backend or peer against the reference on a small version
+of the workload. For ratios measured in one run, interleaved, with memory and plots,
 use the runner: ``python -m mefn_fast.bench``.
 """
 from __future__ import annotations
@@ -17,11 +18,11 @@ import pytest
 import torch
 
 import mefn_fast
-from mefn_fast.bench.runner import DTYPES, WORKLOADS, check_against_reference, make_inputs, make_step
+from mefn_fast.bench.runner import (DTYPES, FLOORS, PEERS, TOLERANCE, WORKLOADS, check_against_reference,
+                                    make_inputs, make_step)
 
 SMOKE_FACTOR = 0.05
-TOLERANCE = {"fp32": 1e-4, "fp64": 1e-10, "fp16": 3e-2, "bf16": 6e-2}
-BACKENDS = ["floor", *mefn_fast.backends.BACKENDS]
+BACKENDS = [*FLOORS, *mefn_fast.backends.BACKENDS, *PEERS]
 
 
 def _cases():
@@ -45,10 +46,15 @@ def test_bench(benchmark, workload, dtype_name, backward, backend):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("GPU workload: no CUDA GPU visible (benchmarks/gpu_check.sh runs these on a lent GPU)")
     dtype = DTYPES[dtype_name]
-    if device == "cpu" and dtype_name in ("fp16", "bf16") and backend != "floor":
+    if device == "cpu" and dtype_name in ("fp16", "bf16") and backend not in FLOORS:
         pytest.skip(f"{dtype_name} is a GPU dtype for this workload")
+    if backend == "sorted-compiled" and benchmark.disabled:
+        pytest.skip("the compiled peer compiles for a minute per case: timed runs only (tests/test_bench_runner.py checks it)")
     w = replace(workload, backward=backward)
-    if backend != "floor":
+    if backend in PEERS:
+        err = check_against_reference(w, backend, device, dtype)
+        assert err <= TOLERANCE[dtype_name], f"{backend} differs from the reference by {err}"
+    elif backend not in FLOORS:
         probe = torch.empty(1, 1, 1, device=device, dtype=dtype)
         reasons = mefn_fast.backends.BACKENDS[backend].reasons(probe, probe, mefn_fast.make_options(direction=w.direction))
         if reasons:

@@ -1,423 +1,119 @@
 """Triton kernels of the cross-attention similarity ``xattn_similarity`` (``docs/math.md``, section 1).
 
+This module plans the work and launches the kernels of :mod:`mefn_fast.kernels.xattn_similarity_jit`.
+
 Layout of the work
 ------------------
-Every kernel is written for one *direction* with a generic "context" / "query" role: t2i
-launches it with context = regions (one image per program) and query = words (a block of
-``BQ`` captions), i2t with context = words (one caption) and query = regions (a block of
-``BQ`` images); ``direction="both"`` launches both and averages the scores. A program holds
-the cosine tile ``S`` of its context item against its ``BQ`` query items, (LCP, BQ*LQP) with
-the query items side by side in the columns, accumulated with ``tl.dot`` over chunks of ``BK``
-features of the raw inputs and scaled afterwards by inverse row norms (``S_rk = (c_r . q_k) /
-(|c_r| |q_k|)``, norms floored at 1e-12 as ``F.normalize`` does), and the context's normalised
-Gram matrix ``G``, (LCP, LCP). A prologue kernel (``_prep_kernel``, one program per item, one
-pass over the inputs) computes the inverse row norms of regions and words and the Gram
-matrices of the context items, so the main loop is nothing but the ``S`` product; for 256-row
-contexts (N > 128) the main kernels accumulate ``G`` themselves (a 256 x 256 float32 operand
-loaded from memory would need more shared memory than an H100 has). The softmax over context rows,
-the entropies ``H_k = log(sum_r e^{x_rk - max}) - sum_r A_rk (x_rk - max)`` (log domain), the
-Gram-form attended cosine ``R_k = (sum_r A_rk S_rk) / sqrt(max(A_k^T G A_k, 1e-16))``, the
-entropy-aware weights and the Mean / LogSumExp aggregation all happen in registers; per-query-
-item reductions (clipped-l2 norm, weights, aggregation) are segment reductions over a
-``(rows, BQ, LQP)`` reshape of the tile. Nothing of size B_img x B_txt x N x M (or x d) is
-written to memory: the forward writes the (B_img, B_txt) scores and the per-item prologue
-(inverse norms, B x L; Gram matrices, B_context x LCP x LCP float32, e.g. 16 MiB for 1000 images
-of 36 regions) only.
+One program computes one *tile*: the cosine matrix of an R block (the MMA's M side, ``BM`` rows)
+against a C block (the N side, ``BN`` columns), one ``tl.dot`` over chunks of d, and then every
+image x caption pair inside the tile down to its score. A block packs several items (images or
+captions) and only their valid rows, one segment of consecutive rows each: items are sorted by
+length and grouped by how many fit a block (at most 16; 8 on C when full-length items fill an
+eighth of it), so ragged captions lie back to back (varlen, as FlashAttention packs sequences).
+Eval shapes (N = 36 regions, 8..32 words, d = 1024): 3 images = 108 of 128 columns and 4-16
+captions, about 117 of 128 rows, instead of 64 padded context rows per image and 32 columns per
+caption. The tables are built on the device without a host sync (large grids read the block
+counts back once, for an exact grid).
 
-Backward (deterministic, no atomics, FlashAttention-2 style split): two kernels per direction,
-both recompute the tiles and the per-pair forward and back-propagate to ``dS`` (the gradient of
-the cosine tile) and ``dden2`` (of the Gram-form denominator).
+* **Softmax along the columns.** A direction runs on a tile whose columns are its context: t2i
+  on (words x regions), i2t on (regions x words), so the softmax over context rows runs along the
+  MMA's N axis (as in FlashAttention). ``direction="both"`` computes the tile once and runs i2t on
+  its transpose (one trip through shared memory; fp16 / bf16 hand the second direction a 16-bit
+  copy, made right after the first direction's last use of the float32 tile).
+* **Segment sums on tensor cores.** Every per-item reduction (the softmax sums, sum_r A S,
+  sum_r A (G A), the clipped-l2 norms over query positions, the weights, the aggregation) and every
+  broadcast of a per-item value back to its cells is a ``tl.dot`` with the block's 0/1 segment
+  matrix: the packing costs no masked passes. The data is split into bfloat16 terms, two (16
+  significant bits, float32's range) for fp16 / bf16 inputs and TF32, three (exact) for fp32.
+* **Gram form on tensor cores.** ``G A`` is one ``tl.dot`` with the C block's Gram matrix, block
+  diagonal over its items, formed once per block by a prologue (fp16 for fp16 / bf16, float32
+  for fp32).
+* **Stable without a max pass.** Cosines and clipped-l2 logits lie in [-1, 1], so exp(lambda E -
+  lambda) cannot overflow and, for lambda <= 40, cannot underflow; likewise the MFE weights
+  (shift 0) and the LogSumExp (shift lambda_lse). Larger temperatures switch on exact per-item
+  maxima (``EXACT_MAX``). The entropy sums A (x - shift): nothing of size lambda cancels.
+* **L2-sized groups.** Programs run in groups of R blocks (``GROUP``, about 8 MiB of rows) that
+  sweep every C block: a resident group of caption blocks serves every image block.
+* **Row norms that cannot overflow.** A prologue finds each row's power of two s = 2^-e that
+  brings its largest magnitude into [1, 2), and 1 / |x s| from the scaled squares; fp32 (and bf16
+  with rows outside 2^-40..2^40) multiply each row by s before the product, so features with
+  norms of 1e30 or 1e-30 score and back-propagate right.
 
-* ``_bwd_ctx_kernel``: one program per context item, looping over every block of query items:
-  ``dC_hat += dS @ Q_hat`` and, at the end, ``dC_hat += 2 dG @ C_hat`` with
-  ``dG = sum_k dden2_k A_k A_k^T`` accumulated in registers.
-* ``_bwd_q_kernel``: one program per block of query items, looping over every context item:
-  ``dQ_hat += dS^T @ C_hat``.
+Backward (deterministic, no atomics), in chunks of R blocks whose dS buffer stays under
+``BWD_CHUNK_BYTES``:
 
-Each program read-modify-writes only its own rows of a float32 gradient buffer (with a
-``tl.debug_barrier`` between passes), so results are bitwise reproducible run to run. The
-gradients are with respect to the *normalised* features; the host finishes the (cheap,
-elementwise) backward of ``F.normalize`` in PyTorch, and padded rows get exactly 0.
+* ``_bwd_tile_kernel``, one program per tile: recomputes the tile and the pair functions, writes
+  dS (in the inputs' dtype for fp16 / bf16, scaled per tile into range, as FlashAttention rounds
+  dS) and each row's row of 2 dG of its own item (the Gram gradient);
+* ``_bwd_gemm_kernel`` twice: dX_hat of an R block = sum over C blocks of dS X_hat_C, of a C block =
+  sum over the chunk's R blocks of dS^T X_hat_R (each program owns its rows; C rows add chunk
+  after chunk, in order);
+* the host sums the Gram rows (``torch.sum``), adds 2 dG X_hat (``torch.bmm``) and finishes the
+  backward of the normalisation.
 
 Precision
 ---------
-Inputs float32, float16 or bfloat16; every accumulation is float32. ``tl.dot`` input precision
-(constexpr ``DOT_PREC``) is ``"ieee"`` (exact float32 products, no TF32) for float32 inputs while
-``torch.get_float32_matmul_precision()`` is ``"highest"`` (PyTorch's default, so the result
-matches the float32 reference), and ``"tf32"`` otherwise: for float32 inputs when the user asked
-for TF32 matmuls, and for the float32 tile products (G @ A, dG, dS @ Q_hat) of float16 /
-bfloat16 inputs, whose outputs are rounded to 16 bits anyway. The environment variable
-``MEFN_TRITON_DOT_PRECISION`` (``ieee`` / ``tf32`` / ``tf32x3``) overrides this. The products
-of float16 / bfloat16 inputs in the main ``S`` / ``G`` loop are exact in float32.
+Every accumulation is float32. float32 inputs use exact products (``"ieee"``) and exact segment
+sums unless ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (then TF32 products and
+two-term sums); ``MEFN_TRITON_DOT_PRECISION=ieee|tf32|tf32x3`` overrides. fp16 / bf16 inputs: the
+tile product is exact in float32, ``G A`` and the Gram gradient take fp16 operands (11 bits, like
+TF32), segment sums carry 16 bits or more, and dS is rounded to the inputs' dtype for the two
+gradient products.
 
 Tested on
 ---------
-Run only under the Triton CPU interpreter (``TRITON_INTERPRET=1``, Triton 3.8, torch 2.14 on
-CPU): every option, direction, ragged lengths, float32 and float16, forward and gradients,
-against ``mefn_fast.backends.reference``. Compiled (not run) for sm_90 offline with Triton 3.8's
-``triton.compile`` and ptxas, for fp16 / bf16 / fp32 (ieee and tf32) and tile classes
-(LCP, BQ*LQP) = (16, 16), (64, 64), (128, 128), bf16 (256, 64), (32, 256), (256, 128) and fp32
-(256, 64): all compile; the last two exceed an H100's shared memory and are refused by
-``input_limits`` (see the risks). No GPU was
-available while this was written; ``benchmarks/gpu_check.sh`` carries the GPU checks (bf16,
-large shapes, determinism, timings) for a lent H100/H200 (with Triton 3.6 there).
+No GPU was available while this was written. Interpreter (``TRITON_INTERPRET=1``, Triton 3.8,
+torch 2.14 on CPU): every option, direction, ragged and odd shape, fp32 and fp16, forward and
+gradients, huge and tiny norms, the exact-max path, many blocks and chunks, against
+``mefn_fast.backends.reference`` (``tests/test_xattn_similarity_triton.py``). Compiled offline for
+``GPUTarget("cuda", 90, 64)`` with Triton 3.8 (CI) and 3.6 (the GPU machine's), at the
+configurations the launchers pick for the GPU workloads: ``tests/test_xattn_similarity_triton_compile.py``
+prints registers, spills, shared memory and wgmma use per kernel, and its docstring holds the
+measured table and the estimated ratio to the packed floor per workload (in short: wgmma in
+every forward, at most 134 KiB of shared memory; the eval forward spills 24 bytes a thread with
+Triton 3.8 and 168 with 3.6, the backward tile kernel kilobytes; eval about 2.2x the packed
+floor, train-gpu forward + backward about 4-5x, both short of their targets). Memory: the
+forward needs the inputs, the Gram blocks (32 KiB a block) and the scores only, so
+eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
 
 Known risks
 -----------
-* Not yet run on a GPU: numerics of the TF32 paths and the performance are unmeasured.
-* Register pressure. ptxas (sm_90) reports for SCAN's tile (64 context rows x 64 query
-  columns, fp16): forward 200 registers and no spills at 8 warps; backward kernels 255
-  registers with 0.5-0.7 KB of spills; fp32 "ieee" spills more. The 256-row (N > 128) and
-  128 x 128 tiles spill 5-50 KB per thread and compile in 5-60 s each (correct, slow); shared
-  memory stays at or under 147 KiB (H100: 227 KiB). Their performance is the first thing to
-  look at on a GPU.
-* float32 with 256-row context tiles (N > 128) compiles to ~330 KiB of shared memory (the exact
-  G @ A product stages G there), beyond an H100's 227 KiB, and takes minutes to compile:
-  ``mefn_fast.backends.triton.input_limits`` refuses float32 with N > 128. In fp16 / bf16 the
-  256-row tiles fit with M <= 32 (forward <= 66 KiB, backward <= 147 KiB); with M = 128 the
-  context-gradient kernel needs 257 KiB, so N > 128 is taken only with M <= 32 (ViT patches:
-  197 x 32). The interpreter tests still cover the 256-row code path.
-* ``_bwd_ctx_kernel`` has only B_context programs (e.g. 128 for train-gpu): low occupancy on a
-  132-SM H100 for small batches.
-* Backward kernels are not autotuned (their read-modify-write of the gradient buffers would be
-  corrupted by autotuning's repeated launches); they use a fixed heuristic configuration.
-* The interpreter's ``tl.dot`` is exact, so TF32 paths are exercised only on a GPU.
+* Not yet run on a GPU: speed and the TF32 and bf16 numerics are unmeasured (the interpreter's
+  bf16 arithmetic is wrong, so bf16 is only tested on a GPU; its ``tl.dot`` is exact, so the TF32
+  and split-bf16 products are checked with the same values multiplied in float32).
+* Register pressure: the forward holds the 128 x 128 float32 tile (64 registers
+  a thread at 8 warps) and two or three tile-sized temporaries at its peak; the backward tile
+  kernel recomputes the forward and back-propagates in one program. The way to zero spills, in
+  ``docs/design.md``: a training forward that saves per-item statistics, and context chunks.
+* No warp specialisation in Triton 3.6 for Hopper: the tensor cores idle during the epilogue.
+* bf16 inputs pay one device-to-host sync a call to find rows outside 2^-40..2^40.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 import triton
-import triton.language as tl
 
-GRAM_PRE_MAX = tl.constexpr(128)  # context tiles up to this many rows read G from the prologue
-NEG_BIG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp(x - max) and 0 * x free of NaN
+from . import xattn_similarity_jit as jit
+
+NS_MAX = 16  # segments (items) per block at most: the width of the 0/1 segment matrices
 SINGLE_CONFIG_ENV = "MEFN_TRITON_SINGLE_CONFIG"
 DOT_PRECISION_ENV = "MEFN_TRITON_DOT_PRECISION"
+BWD_CHUNK_BYTES = 256 * 2 ** 20  # dS buffer of one backward chunk
+EXACT_GRID_TILES = 2 ** 16  # above this many tiles the block counts are read back for an exact grid
+GROUP_BYTES = 8 * 2 ** 20  # rows of the R blocks of one program group (about an L2's worth)
+SAFE_EXP = 80.0  # exp(-80) is a normal float32: fixed shifts are exact while the range stays below
+TINY_ROW = 1000  # exponent marker of a row whose norm is at most 1e-12 (F.normalize's clamp)
+INTERPRET_BLOCK = 128  # block rows under the interpreter (tests set 16 to get many blocks a side)
+PRESCALE_EXP = 40  # bf16 rows with a largest magnitude outside 2^-40..2^40 need the prescaled product
 
 
 # --------------------------------------------------------------------------------------------
-# Device helpers
-#
-# The kernels call no ``@triton.jit`` function of ``triton.language.standard`` (tl.sum, tl.max,
-# tl.zeros, tl.cdiv, ...): when Triton was imported before TRITON_INTERPRET=1 was set (e.g. by
-# torch.compile earlier in the same test process), those stay compiled-mode JITFunctions that
-# the interpreter cannot call. ``tl.reduce`` with the standard combine functions is a builtin
-# and maps to numpy's sum / max in the interpreter, and to the same reductions on a GPU.
+# Settings
 # --------------------------------------------------------------------------------------------
-
-_sum_combine = tl.standard._sum_combine
-_max_combine = tl.standard._elementwise_max
-
-
-@triton.jit
-def _rsum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _sum_combine)
-
-
-@triton.jit
-def _rmax(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _max_combine)
-
-
-@triton.jit
-def _seg_sum_rows(x, R: tl.constexpr, BQ: tl.constexpr, LQP: tl.constexpr):
-    """(R, BQ*LQP) -> per row and query item sum, broadcast back to (R, BQ*LQP)."""
-    s = _rsum(tl.reshape(x, (R, BQ, LQP)), axis=2)
-    return tl.reshape(tl.broadcast_to(s[:, :, None], (R, BQ, LQP)), (R, BQ * LQP))
-
-
-@triton.jit
-def _seg_bcast(s, BQ: tl.constexpr, LQP: tl.constexpr):
-    """(BQ,) -> (BQ*LQP,), each item's value on its columns."""
-    return tl.reshape(tl.broadcast_to(s[:, None], (BQ, LQP)), (BQ * LQP,))
-
-
-@triton.jit
-def _seg_lse(v, BQ: tl.constexpr, LQP: tl.constexpr):
-    """(BQ*LQP,) -> (BQ,) log-sum-exp per query item (entries NEG_BIG count as -inf)."""
-    v2 = tl.reshape(v, (BQ, LQP))
-    vmax = _rmax(v2, axis=1)
-    return vmax + tl.log(_rsum(tl.exp(v2 - vmax[:, None]), axis=1))
-
-
-@triton.jit
-def _setup(c, qb, clen_ptr, qlen_ptr, B_Q, LCP: tl.constexpr, LQP: tl.constexpr, BQ: tl.constexpr):
-    """Row / column bookkeeping of one program: context item ``c``, query block ``qb``."""
-    rows = tl.arange(0, LCP)
-    clen = tl.load(clen_ptr + c).to(tl.int32)
-    rowok = rows < clen
-    cols = tl.arange(0, BQ * LQP)
-    q_idx = qb * BQ + cols // LQP
-    pos = cols % LQP
-    item_ok = q_idx < B_Q
-    qlen = tl.load(qlen_ptr + q_idx, mask=item_ok, other=1).to(tl.int32)
-    colok = item_ok & (pos < qlen)
-    return rows, clen, rowok, q_idx, pos, item_ok, colok, qlen.to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["D"])
-def _prep_kernel(x_ptr, len_ptr, gram_ptr, inv_ptr, D, s_b, s_l, s_d,
-                 LP: tl.constexpr, BK: tl.constexpr, GRAM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Prologue, one program per item: inverse row norms (0 on padded rows), and optionally the
-    normalised Gram matrix, both padded to LP rows; read by every program of that item."""
-    i = tl.cast(tl.program_id(0), tl.int64)
-    rows = tl.arange(0, LP)
-    ok = rows < tl.load(len_ptr + i)
-    x_rows = x_ptr + i * s_b + rows.to(tl.int64) * s_l
-    n2 = tl.full((LP,), 0.0, tl.float32)
-    G = tl.full((LP, LP), 0.0, tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        xb = tl.load(x_rows[:, None] + kk[None, :] * s_d, mask=ok[:, None] & (kk < D)[None, :], other=0.0)
-        if GRAM:
-            G = tl.dot(xb, tl.trans(xb), G, input_precision=DOT_PREC)
-        xf = xb.to(tl.float32)
-        n2 += _rsum(xf * xf, axis=1)
-    inv = tl.where(ok, 1.0 / tl.maximum(tl.sqrt(n2), 1e-12), 0.0)
-    tl.store(inv_ptr + i * LP + rows, inv)
-    if GRAM:
-        G = G * inv[:, None] * inv[None, :]
-        tl.store(gram_ptr + i * (LP * LP) + rows[:, None] * LP + rows[None, :], G)
-
-
-@triton.jit
-def _tiles(c_ptr, c, rows, rowok, s_cb, s_cl, s_cd, q_ptr, q_idx, pos, colok, s_qb, s_ql, s_qd, D,
-           gram_ptr, ic_ptr, iq_ptr, s_iq,
-           LCP: tl.constexpr, COLS: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Normalised cosine tile S (LCP, COLS) by tl.dot over chunks of d, and the context's Gram
-    matrix G (LCP, LCP). The inverse row norms come from the prologue, and so does G for
-    LCP <= 128; a 256-row G is accumulated here instead (loading a 256 x 256 float32 tile into
-    a tl.dot operand would stage 256 KiB through shared memory, more than an H100 has)."""
-    c64 = tl.cast(c, tl.int64)
-    c_rows = c_ptr + c64 * s_cb + rows.to(tl.int64) * s_cl
-    q_rows = q_ptr + q_idx.to(tl.int64) * s_qb + pos.to(tl.int64) * s_ql
-    S = tl.full((LCP, COLS), 0.0, tl.float32)
-    G = tl.full((LCP, LCP), 0.0, tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        kok = kk < D
-        cb = tl.load(c_rows[:, None] + kk[None, :] * s_cd, mask=rowok[:, None] & kok[None, :], other=0.0)
-        qt = tl.load(q_rows[:, None] + kk[None, :] * s_qd, mask=colok[:, None] & kok[None, :], other=0.0)
-        S = tl.dot(cb, tl.trans(qt), S, input_precision=DOT_PREC)
-        if LCP > GRAM_PRE_MAX:
-            G = tl.dot(cb, tl.trans(cb), G, input_precision=DOT_PREC)
-    inv_c = tl.load(ic_ptr + c64 * LCP + rows)
-    inv_q = tl.load(iq_ptr + q_idx.to(tl.int64) * s_iq + pos, mask=colok, other=0.0)
-    S = S * inv_c[:, None] * inv_q[None, :]
-    if LCP > GRAM_PRE_MAX:
-        G = G * inv_c[:, None] * inv_c[None, :]
-    else:
-        G = tl.load(gram_ptr + c64 * (LCP * LCP) + rows[:, None] * LCP + rows[None, :])
-    return S, G, inv_c, inv_q, c_rows, q_rows
-
-
-@triton.jit
-def _pair_math(S, G, rowok, colok, clen, m_col, lam, tau, lam_lse,
-               LCP: tl.constexpr, BQ: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr,
-               MFE: tl.constexpr, AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Steps 3-8 of the per-pair function (docs/math.md) on a tile; returns the (BQ,) scores and what the backward needs."""
-    if ATTN_CLIP:
-        P = tl.where(S > 0, S, 0.1 * S)
-        P = tl.where(colok[None, :], P, 0.0)
-        nrm = tl.sqrt(_seg_sum_rows(P * P, LCP, BQ, LQP))
-        E = P / (nrm + 1e-8)
-    else:
-        P = S
-        nrm = S
-        E = S
-    x = lam * E
-    mx = _rmax(tl.where(rowok[:, None], x, NEG_BIG), axis=0)
-    xc = tl.where(rowok[:, None], x - mx[None, :], 0.0)  # x - max over rows; 0 on padded rows
-    ex = tl.where(rowok[:, None], tl.exp(xc), 0.0)
-    se = _rsum(ex, axis=0)
-    A = ex / se[None, :]
-    log_se = tl.log(se)
-    H = log_se - _rsum(A * xc, axis=0)  # entropy, log domain
-    GA = tl.dot(G, A, input_precision=DOT_PREC)
-    num = _rsum(A * S, axis=0)
-    den2 = _rsum(A * GA, axis=0)
-    den = tl.sqrt(tl.maximum(den2, 1e-16))
-    R = tl.where(colok, num / den, 0.0)
-    inv_log_n = tl.where(clen > 1, 1.0 / tl.log(tl.maximum(clen.to(tl.float32), 2.0)), 0.0)
-    if MFE:
-        lw = tl.where(colok, -(H * inv_log_n) / tau, NEG_BIG)
-        lw = tl.where(colok, lw - _seg_bcast(_seg_lse(lw, BQ, LQP), BQ, LQP), NEG_BIG)
-    else:
-        lw = tl.where(colok, -tl.log(m_col), NEG_BIG)
-    w = tl.where(colok, tl.exp(lw), 0.0)
-    if AGG_LSE:
-        z = tl.where(colok, lw + lam_lse * R, NEG_BIG)
-        zl = _seg_lse(z, BQ, LQP)
-        m_item = _rmax(tl.reshape(m_col, (BQ, LQP)), axis=1)
-        score = (tl.log(m_item) + zl) / lam_lse
-        p = tl.where(colok, tl.exp(z - _seg_bcast(zl, BQ, LQP)), 0.0)
-    else:
-        score = _rsum(tl.reshape(w * R, (BQ, LQP)), axis=1)
-        p = w
-    return score, A, P, nrm, E, xc, log_se, H, GA, num, den, den2, R, w, p, inv_log_n
-
-
-@triton.jit
-def _pair_grad(S, G, rowok, colok, clen, m_col, g_col, lam, tau, lam_lse,
-               LCP: tl.constexpr, BQ: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr,
-               MFE: tl.constexpr, AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Recompute the pair function and back-propagate g_col (upstream per column) to dS, dden2."""
-    score, A, P, nrm, E, xc, log_se, H, GA, num, den, den2, R, w, p, inv_log_n = _pair_math(
-        S, G, rowok, colok, clen, m_col, lam, tau, lam_lse, LCP, BQ, LQP, ATTN_CLIP, MFE, AGG_LSE, DOT_PREC)
-    if AGG_LSE:
-        dR = g_col * p
-        u = g_col * p / lam_lse  # d score / d log w_k
-    else:
-        dR = g_col * w
-        u = g_col * w * R
-    dR = tl.where(colok, dR, 0.0)
-    u = tl.where(colok, u, 0.0)
-    if MFE:
-        su = _seg_bcast(_rsum(tl.reshape(u, (BQ, LQP)), axis=1), BQ, LQP)
-        dH = tl.where(colok, (-1.0 / tau) * (u - w * su) * inv_log_n, 0.0)
-    else:
-        dH = dR * 0.0
-    dnum = dR / den
-    dden2 = tl.where(colok & (den2 > 1e-16), -dR * num / (2.0 * den * den * den), 0.0)
-    dA = dnum[None, :] * S + 2.0 * dden2[None, :] * GA
-    logA_plus_H = tl.where(rowok[:, None], xc - log_se[None, :] + H[None, :], 0.0)
-    dx = A * (dA - _rsum(A * dA, axis=0)[None, :]) - dH[None, :] * A * logA_plus_H
-    dE = lam * dx
-    if ATTN_CLIP:
-        Dr = _seg_sum_rows(dE * E, LCP, BQ, LQP)
-        ratio = P / tl.where(nrm > 0, nrm, 1.0)
-        dP = (dE - Dr * ratio) / (nrm + 1e-8)
-        dP = tl.where(colok[None, :], dP, 0.0)
-        dSe = tl.where(S > 0, dP, 0.1 * dP)
-    else:
-        dSe = dE
-    dS = tl.where(rowok[:, None] & colok[None, :], dnum[None, :] * A + dSe, 0.0)
-    return dS, A, dden2
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-
-# Batch sizes, d and the output / upstream-gradient strides are not specialised on (their
-# divisibility by 16 would otherwise make every new batch size a new compilation).
-_NO_SPEC = ["B_C", "B_Q", "D", "s_oc", "s_oq", "s_gc", "s_gq", "s_iq"]
-
-
-@triton.jit(do_not_specialize=_NO_SPEC[:5] + _NO_SPEC[7:])
-def _fwd_kernel(c_ptr, clen_ptr, q_ptr, qlen_ptr, out_ptr, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                B_C, B_Q, D,
-                s_cb, s_cl, s_cd, s_qb, s_ql, s_qd, s_oc, s_oq,
-                lam, tau, lam_lse,
-                LCP: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr, MFE: tl.constexpr,
-                AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    """Scores of one context item against BQ query items: out[c, q] (strides say which is which)."""
-    pid = tl.program_id(0)
-    n_qb = (B_Q + BQ - 1) // BQ
-    c = pid // n_qb
-    qb = pid % n_qb
-    rows, clen, rowok, q_idx, pos, item_ok, colok, m_col = _setup(c, qb, clen_ptr, qlen_ptr, B_Q, LCP, LQP, BQ)
-    S, G, inv_c, inv_q, c_rows, q_rows = _tiles(c_ptr, c, rows, rowok, s_cb, s_cl, s_cd, q_ptr, q_idx, pos, colok,
-                                                s_qb, s_ql, s_qd, D, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                                                LCP, BQ * LQP, BK, DOT_PREC)
-    score, A, P, nrm, E, xc, log_se, H, GA, num, den, den2, R, w, p, inv_log_n = _pair_math(
-        S, G, rowok, colok, clen, m_col, lam, tau, lam_lse, LCP, BQ, LQP, ATTN_CLIP, MFE, AGG_LSE, DOT_PREC)
-    items = qb * BQ + tl.arange(0, BQ)
-    tl.store(out_ptr + tl.cast(c, tl.int64) * s_oc + items.to(tl.int64) * s_oq, score, mask=items < B_Q)
-
-
-@triton.jit(do_not_specialize=_NO_SPEC[:3] + _NO_SPEC[5:])
-def _bwd_ctx_kernel(c_ptr, clen_ptr, q_ptr, qlen_ptr, g_ptr, dc_ptr, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                    B_C, B_Q, D,
-                    s_cb, s_cl, s_cd, s_qb, s_ql, s_qd, s_gc, s_gq, s_db, s_dl, s_dd,
-                    lam, tau, lam_lse, scale,
-                    LCP: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr, MFE: tl.constexpr,
-                    AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    """dC_hat[c] += sum over query items of dS @ Q_hat, + 2 dG @ C_hat (one program per context item)."""
-    c = tl.program_id(0)
-    COLS: tl.constexpr = BQ * LQP
-    dG = tl.full((LCP, LCP), 0.0, tl.float32)
-    rows = tl.arange(0, LCP)
-    clen0 = tl.load(clen_ptr + c).to(tl.int32)
-    rowok0 = rows < clen0
-    d_rows = dc_ptr + tl.cast(c, tl.int64) * s_db + rows.to(tl.int64) * s_dl
-    n_qb = (B_Q + BQ - 1) // BQ
-    for qb in range(0, n_qb):
-        rows, clen, rowok, q_idx, pos, item_ok, colok, m_col = _setup(c, qb, clen_ptr, qlen_ptr, B_Q, LCP, LQP, BQ)
-        S, G, inv_c, inv_q, c_rows, q_rows = _tiles(c_ptr, c, rows, rowok, s_cb, s_cl, s_cd, q_ptr, q_idx, pos,
-                                                    colok, s_qb, s_ql, s_qd, D, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                                                    LCP, COLS, BK, DOT_PREC)
-        g_col = tl.load(g_ptr + tl.cast(c, tl.int64) * s_gc + q_idx.to(tl.int64) * s_gq, mask=item_ok, other=0.0) * scale
-        dS, A, dden2 = _pair_grad(S, G, rowok, colok, clen, m_col, g_col, lam, tau, lam_lse,
-                                  LCP, BQ, LQP, ATTN_CLIP, MFE, AGG_LSE, DOT_PREC)
-        dG = tl.dot(A * dden2[None, :], tl.trans(A), dG, input_precision=DOT_PREC)
-        dSq = dS * inv_q[None, :]  # dS @ Q_hat == (dS * inv_q) @ Q
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            kok = kk < D
-            qf = tl.load(q_rows[:, None] + kk[None, :] * s_qd, mask=colok[:, None] & kok[None, :], other=0.0).to(tl.float32)
-            dmask = rowok[:, None] & kok[None, :]
-            acc = tl.load(d_rows[:, None] + kk[None, :] * s_dd, mask=dmask, other=0.0)
-            acc = tl.dot(dSq, qf, acc, input_precision=DOT_PREC)
-            tl.store(d_rows[:, None] + kk[None, :] * s_dd, acc, mask=dmask)
-        tl.debug_barrier()
-    # Gram term: dC_hat += (dG + dG^T) @ C_hat = 2 dG @ C_hat (dG is symmetric).
-    rows = tl.arange(0, LCP)
-    inv_c0 = tl.load(ic_ptr + tl.cast(c, tl.int64) * LCP + rows)
-    dG2 = 2.0 * dG * inv_c0[None, :]
-    c_rows = c_ptr + tl.cast(c, tl.int64) * s_cb + rows.to(tl.int64) * s_cl
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        kok = kk < D
-        dmask = rowok0[:, None] & kok[None, :]
-        cf = tl.load(c_rows[:, None] + kk[None, :] * s_cd, mask=dmask, other=0.0).to(tl.float32)
-        acc = tl.load(d_rows[:, None] + kk[None, :] * s_dd, mask=dmask, other=0.0)
-        acc = tl.dot(dG2, cf, acc, input_precision=DOT_PREC)
-        tl.store(d_rows[:, None] + kk[None, :] * s_dd, acc, mask=dmask)
-
-
-@triton.jit(do_not_specialize=_NO_SPEC[:3] + _NO_SPEC[5:])
-def _bwd_q_kernel(c_ptr, clen_ptr, q_ptr, qlen_ptr, g_ptr, dq_ptr, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                  B_C, B_Q, D,
-                  s_cb, s_cl, s_cd, s_qb, s_ql, s_qd, s_gc, s_gq, s_db, s_dl, s_dd,
-                  lam, tau, lam_lse, scale,
-                  LCP: tl.constexpr, LQP: tl.constexpr, ATTN_CLIP: tl.constexpr, MFE: tl.constexpr,
-                  AGG_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
-    """dQ_hat[block] += sum over context items of dS^T @ C_hat (one program per query block)."""
-    qb = tl.program_id(0)
-    COLS: tl.constexpr = BQ * LQP
-    for c in range(0, B_C):
-        rows, clen, rowok, q_idx, pos, item_ok, colok, m_col = _setup(c, qb, clen_ptr, qlen_ptr, B_Q, LCP, LQP, BQ)
-        S, G, inv_c, inv_q, c_rows, q_rows = _tiles(c_ptr, c, rows, rowok, s_cb, s_cl, s_cd, q_ptr, q_idx, pos,
-                                                    colok, s_qb, s_ql, s_qd, D, gram_ptr, ic_ptr, iq_ptr, s_iq,
-                                                    LCP, COLS, BK, DOT_PREC)
-        g_col = tl.load(g_ptr + tl.cast(c, tl.int64) * s_gc + q_idx.to(tl.int64) * s_gq, mask=item_ok, other=0.0) * scale
-        dS, A, dden2 = _pair_grad(S, G, rowok, colok, clen, m_col, g_col, lam, tau, lam_lse,
-                                  LCP, BQ, LQP, ATTN_CLIP, MFE, AGG_LSE, DOT_PREC)
-        dSt = tl.trans(dS * inv_c[:, None])  # dS^T @ C_hat == (dS * inv_c)^T @ C
-        d_rows = dq_ptr + q_idx.to(tl.int64) * s_db + pos.to(tl.int64) * s_dl
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            kok = kk < D
-            cf = tl.load(c_rows[:, None] + kk[None, :] * s_cd, mask=rowok[:, None] & kok[None, :], other=0.0).to(tl.float32)
-            dmask = colok[:, None] & kok[None, :]
-            acc = tl.load(d_rows[:, None] + kk[None, :] * s_dd, mask=dmask, other=0.0)
-            acc = tl.dot(dSt, cf, acc, input_precision=DOT_PREC)
-            tl.store(d_rows[:, None] + kk[None, :] * s_dd, acc, mask=dmask)
-        tl.debug_barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# Host side: configurations (built lazily) and launchers
-# --------------------------------------------------------------------------------------------
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def _flag(name: str) -> bool:
@@ -434,7 +130,7 @@ def single_config() -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """The ``tl.dot`` input precision for inputs of ``dtype`` (see the module docstring)."""
+    """The ``tl.dot`` input precision of float32 products (see the module docstring)."""
     env = os.environ.get(DOT_PRECISION_ENV, "").strip().lower()
     if env:
         if env not in ("ieee", "tf32", "tf32x3"):
@@ -445,160 +141,418 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _min_bq(lqp: int) -> int:
-    return max(1, 16 // lqp)  # tl.dot needs >= 16 columns
+_RECORD = None  # a list while record_launches() is active: launches are recorded, not run
 
 
-def _heuristic(lcp: int, lqp: int) -> dict:
-    """One sensible configuration: about 64 query columns per program, 8 warps unless the tiles are tiny.
+class record_launches:
+    """Context manager: every kernel launch of the launchers is appended to a list (kernel, grid,
+    args, constexprs and options) instead of running; outputs stay as allocated. The compile
+    test uses it to compile exactly what the launchers would launch, without a GPU."""
 
-    (ptxas for sm_90, Triton 3.8 offline: with a 64 x 64 fp16 tile the forward needs 200 registers
-    per thread at 8 warps, no spills; at 4 warps it spills. The backward kernels spill a little.)
-    """
-    bq = max(_min_bq(lqp), min(4, 64 // lqp))
-    small = lcp * max(lcp, bq * lqp) <= 1024
-    return dict(BQ=bq, BK=32 if interpreter_enabled() else 64, num_warps=4 if small else 8, num_stages=2)
+    def __enter__(self):
+        global _RECORD
+        self.launches, _RECORD = [], []
+        return self.launches
+
+    def __exit__(self, *exc):
+        global _RECORD
+        self.launches.extend(_RECORD)
+        _RECORD = None
+
+
+def _launch(kernel, grid, *args, **meta):
+    if _RECORD is not None:
+        _RECORD.append(dict(kernel=kernel, grid=grid, args=args, meta=meta))
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+
+
+def tile_config(l_r: int, l_c: int, dtype: torch.dtype, backward: bool, interpret: bool | None = None,
+                both: bool = False) -> dict | None:
+    """Block sizes and launch options for items of at most ``l_r`` rows on R and ``l_c`` on C.
+
+    GPU, fp16 / bf16: forward tiles of 128 x 128 (8 warps: each tile-sized float32 value is 64
+    registers a thread), or 64 x 256 when the context items have more than 128 rows (ViT
+    patches). The backward tile kernel, whose epilogue holds about twice as many tile values,
+    takes half the cells: 128 x 64 for one direction (an MMA with M = 128 over 8 warps keeps each
+    row in one warp group; ptxas spills about a quarter of what it does at 64 x 128), 64 x 128
+    for ``both`` (its second direction runs on the transposed tile). float32 (exact products on
+    CUDA cores) halves both, and takes at most 8192 cells. Interpreter: blocks of ``INTERPRET_BLOCK`` rows (its cost is
+    per operation and program, not per element, so few large programs are fastest; the tests
+    shrink it to get many blocks a side). ``None`` where no configuration takes items this long
+    (see ``input_limits``)."""
+    interpret = interpreter_enabled() if interpret is None else interpret
+    need_m, need_n = max(16, _pow2(l_r)), max(16, _pow2(l_c))
+    if interpret:
+        return dict(BM=max(INTERPRET_BLOCK, need_m), BN=max(INTERPRET_BLOCK, need_n), BK=32, num_warps=4,
+                    num_stages=1)
+    fp32 = dtype == torch.float32
+    if backward and not both and not fp32 and need_m <= 128 and need_n <= 64:
+        return dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)
+    # preferred size, then the largest that fits shared memory (float32 tiles of 128 x 128 would
+    # stage about 300 KiB: more than an H100 has)
+    for elems in ((8192 if fp32 else 16384) // (2 if backward else 1), 8192 if fp32 else 16384):
+        bn = max(64 if fp32 else 128, need_n)
+        bm = max(16, elems // bn)
+        if bm < need_m:  # long query items: give R the rows, C what is left
+            bm = need_m
+            bn = max(need_n, elems // bm)
+        if bm >= need_m and bn >= need_n and bm * bn <= elems and min(bm, bn) >= 16:
+            return dict(BM=bm, BN=bn, BK=32 if fp32 else 64, num_warps=8 if bm * bn >= 8192 else 4, num_stages=3)
+    return None
+
+
+def _fwd_configs(cfg: dict) -> list:
+    """Autotuning candidates around the heuristic configuration (pipeline depth, chunk of d)."""
+    base = {k: cfg[k] for k in ("BM", "BN", "BK")}
+    out = []
+    for stages in (2, 3, 4):
+        out.append(triton.Config(dict(base), num_warps=cfg["num_warps"], num_stages=stages))
+    if cfg["BK"] == 64:
+        out.append(triton.Config(dict(base, BK=128), num_warps=cfg["num_warps"], num_stages=2))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned_fwd(lcp: int, lqp: int):
-    """The forward kernel wrapped in ``triton.autotune`` for one tile-shape class, built on first use."""
-    configs = []
-    bq0 = _min_bq(lqp)
-    for bq in sorted({bq0, 2 * bq0}):
-        if bq > bq0 and bq * lqp > 128:
-            continue
-        for warps in (4, 8):
-            configs.append(triton.Config({"BQ": bq, "BK": 64}, num_warps=warps, num_stages=2))
-    # Keyed on d only (plus the tensors' dtypes, which Triton adds): a batch size change does
-    # not re-tune, the tile shape class is fixed per wrapper.
-    return triton.autotune(configs=configs, key=["D"])(_fwd_kernel)
+def _autotuned_fwd(bm: int, bn: int, bk: int, num_warps: int, num_stages: int):
+    """The forward kernel wrapped in ``triton.autotune`` for one tile shape, built on first use.
+    Keyed on d and the tile's flags; the batch sizes do not re-tune."""
+    cfg = dict(BM=bm, BN=bn, BK=bk, num_warps=num_warps, num_stages=num_stages)
+    return triton.autotune(configs=_fwd_configs(cfg), key=["D"])(jit._fwd_kernel)
 
 
-def _flags(opts) -> dict:
-    return dict(ATTN_CLIP=opts["attn_norm"] == "clipped_l2norm", MFE=bool(opts["mfe"]), AGG_LSE=opts["agg"] == "lse")
+# --------------------------------------------------------------------------------------------
+# Packing: blocks of items of one length, on the device, with no host sync
+# --------------------------------------------------------------------------------------------
 
 
-def _directions(direction: str):
-    """(name, scale) of the launches for a direction option."""
-    if direction == "both":
-        return (("t2i", 0.5), ("i2t", 0.5))
-    return ((direction, 1.0),)
+class Side:
+    """One input (regions or words) packed into blocks of ``blk`` rows (varlen: only valid rows),
+    at most ``ns`` items a block.
+
+    Tables (int32, on the input's device): ``tab`` (nb, blk) the flat row ``item * L + position``
+    of every block row, or -1; ``seg`` (nb, blk) its segment, or -1; ``item`` (nb, NS) and
+    ``length`` (nb, NS) of every segment (-1 and 0 where none); ``count`` (1,) the number of
+    blocks. ``nb`` is an upper bound computed from the shapes alone (the kernels skip the blocks
+    beyond ``count``), or the exact count when ``exact`` (one host sync)."""
+
+    def __init__(self, x: torch.Tensor, lengths: torch.Tensor, blk: int, ns: int, exact: bool = False):
+        self.x, self.blk, self.ns = x, blk, ns
+        NS = ns
+        self.b, self.L, self.d = x.shape
+        if self.b * self.L >= 2 ** 31:
+            raise ValueError(f"{self.b} x {self.L} rows do not fit the kernels' 32-bit row indices")
+        dev = lengths.device
+        lens = lengths.to(torch.int64).clamp(1, self.L)
+        # Items of length l fit min(NS, blk // l) to a block: blocks of c items take every item
+        # with that capacity c, longest first, back to back (so lengths may differ in a block).
+        slen, perm = torch.sort(lens, descending=True, stable=True)
+        cap = torch.clamp(blk // slen, max=NS)  # non-decreasing along the sorted order
+        count = torch.bincount(cap, minlength=NS + 1)
+        cv = torch.arange(NS + 1, device=dev)
+        nblk = (count + cv.clamp_min(1) - 1) // cv.clamp_min(1)
+        off = torch.cumsum(nblk, 0) - nblk  # first block of each capacity
+        first = torch.cumsum(count, 0) - count  # first sorted position of each capacity
+        pos = torch.arange(self.b, device=dev)
+        q = pos - first[cap]
+        blk_of = off[cap] + q // cap
+        slot = q % cap
+        cs = torch.cumsum(slen, 0) - slen  # rows before each item, in sorted order
+        start = cs - cs[first[cap] + (q // cap) * cap]  # rows before it in its own block
+        c_min = min(NS, blk // self.L)
+        bound = min(self.b, -(-self.b // c_min) + NS) if self.b else 0
+        self.count = nblk.sum().to(torch.int32).reshape(1)
+        if exact and self.b:
+            bound = int(self.count[0])
+        self.nb = max(bound, 1)
+        p = torch.arange(self.L, device=dev)
+        valid = p[None, :] < slen[:, None]
+        trash = self.nb * blk
+        dst = torch.where(valid, blk_of[:, None] * blk + start[:, None] + p[None, :], trash)
+        tab = torch.full((trash + 1,), -1, dtype=torch.int32, device=dev)
+        tab.scatter_(0, dst.flatten(), (perm[:, None] * self.L + p[None, :]).to(torch.int32).flatten())
+        seg = torch.full((trash + 1,), -1, dtype=torch.int32, device=dev)
+        seg.scatter_(0, dst.flatten(), slot[:, None].expand(-1, self.L).to(torch.int32).flatten())
+        self.tab = tab[:-1].view(self.nb, blk)
+        self.seg = seg[:-1].view(self.nb, blk)
+        sdst = blk_of * NS + slot
+        item = torch.full((self.nb * NS,), -1, dtype=torch.int32, device=dev)
+        item.scatter_(0, sdst, perm.to(torch.int32))
+        length = torch.zeros(self.nb * NS, dtype=torch.int32, device=dev)
+        length.scatter_(0, sdst, slen.to(torch.int32))
+        self.item, self.length = item.view(self.nb, NS), length.view(self.nb, NS)
+        self.sc = self.inv = self.ex = self.xhat = None
+
+    def norms(self, xhat_dtype=None):
+        """Row scales and inverse norms (and x_hat in ``xhat_dtype``) of every flat row."""
+        n = self.b * self.L
+        dev = self.x.device
+        self.sc = torch.empty(n, dtype=torch.float32, device=dev)
+        self.inv = torch.empty(n, dtype=torch.float32, device=dev)
+        self.ex = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.xhat = None if xhat_dtype is None else torch.empty((n, self.d), dtype=xhat_dtype, device=dev)
+        if n:
+            br = 16 if interpreter_enabled() else 64
+            _launch(jit._rownorm_kernel, (triton.cdiv(n, br),),
+                self.x, self.sc, self.inv, self.ex, self.sc if self.xhat is None else self.xhat, n, self.d, self.L,
+                *self.x.stride(), WRITE_XHAT=self.xhat is not None, BR=br, BK=32 if interpreter_enabled() else 64,
+                num_warps=4)
+        return self
+
+    def gram(self, gdt: torch.dtype, prec: str) -> torch.Tensor:
+        """Block-diagonal normalised Gram matrices of every block, (nb, blk, blk)."""
+        g = torch.zeros((self.nb, self.blk, self.blk), dtype=gdt, device=self.x.device)
+        if self.b:
+            gb = min(self.blk, 128)
+            _launch(jit._gram_kernel, (self.nb, self.blk // gb, self.blk // gb), self.x, self.tab, self.seg, self.sc,
+                    self.inv, self.count, g, self.d, self.L, *self.x.stride(), PREC=prec, BLK=self.blk, GB=gb,
+                    BK=32 if interpreter_enabled() else 64, num_warps=4 if gb <= 64 else 8)
+        return g
+
+    def needs_prescale(self, lengths: torch.Tensor) -> bool:
+        """Whether a valid row has its largest magnitude outside 2^-40..2^40 (one host sync)."""
+        ex = self.ex.view(self.b, self.L)
+        valid = torch.arange(self.L, device=ex.device)[None, :] < lengths[:, None]
+        bad = valid & (ex.abs() > PRESCALE_EXP) & (ex != TINY_ROW)
+        return bool(bad.any())
 
 
-def _roles(dname, regions, region_lengths, words, word_lengths, opts):
-    """Context and query of one direction, and its attention temperature."""
-    if dname == "t2i":
-        return regions, region_lengths, words, word_lengths, float(opts["lambda_t2i"])
-    return words, word_lengths, regions, region_lengths, float(opts["lambda_i2t"])
+# --------------------------------------------------------------------------------------------
+# Plans: which input goes on which side, flags and precisions
+# --------------------------------------------------------------------------------------------
 
 
-def _prep(x: torch.Tensor, lengths: torch.Tensor, gram: bool, prec: str):
-    """(Gram matrices (B, LP, LP) or None, inverse row norms (B, LP)) of x, LP = max(16, pow2(L))."""
-    b, L, d = x.shape
-    lp = max(16, _next_pow2(L))
-    inv = torch.empty((b, lp), dtype=torch.float32, device=x.device)
-    G = torch.empty((b, lp, lp), dtype=torch.float32, device=x.device) if gram else None
-    if b:
-        _prep_kernel[(b,)](x, lengths, inv if G is None else G, inv, d, x.stride(0), x.stride(1), x.stride(2),
-                           LP=lp, BK=32 if interpreter_enabled() else 64, GRAM=gram, DOT_PREC=prec,
-                           num_warps=4 if lp <= 64 else 8)
-    return G, inv
+class Plan:
+    """Everything one forward or backward launch needs, from the inputs and options."""
+
+    def __init__(self, regions, region_lengths, words, word_lengths, opts: dict, backward: bool):
+        direction = opts["direction"]
+        self.direction = direction
+        # t2i: context (regions) on C; i2t: context (words) on C; both: regions on C, and the
+        # i2t direction has its context (words) on R.
+        self.r_is_words = direction in ("t2i", "both")
+        r, rl, c, cl = (words, word_lengths, regions, region_lengths) if self.r_is_words else \
+            (regions, region_lengths, words, word_lengths)
+        self.dtype = regions.dtype
+        self.cfg = tile_config(r.shape[1], c.shape[1], self.dtype, backward, both=direction == "both")
+        if self.cfg is None:
+            raise ValueError(f"no Triton tile takes blocks of {r.shape[1]} x {c.shape[1]} rows in "
+                             f"{str(self.dtype).replace('torch.', '')} (see mefn_fast.backends.triton.input_limits)")
+        b_img, b_txt = regions.shape[0], words.shape[0]
+        bm, bn = self.cfg["BM"], self.cfg["BN"]
+        # the exact block counts cost a host sync on a GPU: worth it for large grids only
+        exact = regions.device.type == "cpu" or math.ceil(r.shape[0] * r.shape[1] / bm) * math.ceil(
+            c.shape[0] * c.shape[1] / bn) > EXACT_GRID_TILES
+        # Segments a block: 16 on R; on C (the context of every direction but i2t in "both") 8
+        # when full-length items fill at least an eighth of a block, which halves the per-item
+        # tensors of the epilogue (shorter items then pack at most 8 to a block).
+        self.ns_r = NS_MAX
+        self.ns_c = NS_MAX // 2 if c.shape[1] >= bn // 8 else NS_MAX
+        self.R = Side(r, rl, bm, self.ns_r, exact)
+        self.C = Side(c, cl, bn, self.ns_c, exact)
+        self.dir_c = True  # every direction has its context on C, except i2t within "both"
+        self.dir_r = direction == "both"
+        lam_t2i, lam_i2t = float(opts["lambda_t2i"]), float(opts["lambda_i2t"])
+        self.lam_c = lam_t2i if direction in ("t2i", "both") else lam_i2t
+        self.lam_r = lam_i2t
+        self.w_c = 0.5 if direction == "both" else 1.0
+        self.w_r = 0.5
+        self.tau, self.lam_lse = float(opts["tau"]), float(opts["lambda_lse"])
+        self.flags = dict(CLIP=opts["attn_norm"] == "clipped_l2norm", MFE=bool(opts["mfe"]), LSE=opts["agg"] == "lse")
+        self.exact_max = not self.safe_shifts()
+        fp32 = self.dtype == torch.float32
+        self.prec = dot_precision(self.dtype) if fp32 else "tf32"
+        self.split = 3 if (fp32 and self.prec == "ieee") else 2  # exact segment sums for exact fp32
+        self.gdt = torch.float32 if fp32 else torch.float16
+        self.d = regions.shape[2]
+        self.group = max(1, min(64, GROUP_BYTES // max(1, bm * self.d * regions.element_size())))
+        self.b_img, self.b_txt = b_img, b_txt
+
+    def safe_shifts(self) -> bool:
+        """Whether the fixed shifts keep every exp in float32's normal range (module docstring)."""
+        lams = [self.lam_c] + ([self.lam_r] if self.dir_r else [])
+        if max(lams) * 2 > SAFE_EXP:
+            return False
+        inv_tau = 1.0 / self.tau if self.flags["MFE"] else 0.0
+        if inv_tau > SAFE_EXP:
+            return False
+        if self.flags["LSE"] and inv_tau + math.log(256) + 2 * self.lam_lse > SAFE_EXP:
+            return False
+        return True
+
+    def prepare(self, xhat: bool):
+        """Row norms of both sides (x_hat too for the backward) and the Gram blocks needed."""
+        xd = self.dtype if xhat else None
+        self.R.norms(xd)
+        self.C.norms(xd)
+        if self.dtype == torch.float32:
+            self.prescale = True
+        elif self.dtype == torch.bfloat16:
+            self.prescale = self.R.needs_prescale(self.r_lengths) or self.C.needs_prescale(self.c_lengths)
+        else:
+            self.prescale = False
+        self.gc = self.C.gram(self.gdt, self.prec) if self.dir_c else self.C.inv
+        self.gr = self.R.gram(self.gdt, self.prec) if self.dir_r else self.R.inv
+        return self
+
+    def set_lengths(self, region_lengths, word_lengths):
+        self.r_lengths, self.c_lengths = (word_lengths, region_lengths) if self.r_is_words else \
+            (region_lengths, word_lengths)
+        return self
+
+    def pair_strides(self, t: torch.Tensor):
+        """Strides of (R item, C item) in a (B_img, B_txt) tensor."""
+        return (t.stride(1), t.stride(0)) if self.r_is_words else (t.stride(0), t.stride(1))
+
+    def side_args(self):
+        R, C = self.R, self.C
+        return (R.x, R.tab, R.seg, R.item, R.length, R.sc, R.inv, R.count,
+                C.x, C.tab, C.seg, C.item, C.length, C.sc, C.inv, C.count)
+
+    def consts(self) -> dict:
+        return dict(DIR_C=self.dir_c, DIR_R=self.dir_r, EXACT_MAX=self.exact_max, PRESCALE=self.prescale,
+                    MAIN_PREC=self.prec, SPLIT=self.split, EMU=interpreter_enabled(), GDT=_tl_dtype(self.gdt), GPREC=self.prec,
+                    EVEN_K=self.d % self.cfg["BK"] == 0, NSR=self.ns_r, NSC=self.ns_c, **self.flags)
 
 
-def _preps(regions, region_lengths, words, word_lengths, direction: str, prec: str) -> dict:
-    """Per direction: (context Gram, context inverse norms, query inverse norms)."""
-    def gram(x):  # 256-row Gram matrices are formed inside the main kernels (see _tiles)
-        return max(16, _next_pow2(x.shape[1])) <= GRAM_PRE_MAX.value
+def _tl_dtype(dt: torch.dtype):
+    import triton.language as tl
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dt]
 
-    g_r, inv_r = _prep(regions, region_lengths, direction in ("t2i", "both") and gram(regions), prec)
-    g_w, inv_w = _prep(words, word_lengths, direction in ("i2t", "both") and gram(words), prec)
-    return {"t2i": (g_r, inv_r, inv_w), "i2t": (g_w, inv_w, inv_r)}
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
 
 
 def xattn_similarity_forward(regions, region_lengths, words, word_lengths, opts: dict) -> torch.Tensor:
     """float32 scores (B_img, B_txt). ``opts``: the fields of :class:`mefn_fast.options.XAttnOptions`.
 
-    Inputs: (B, L, d) tensors of one dtype on one device, int64 lengths in [1, L] on the same device.
-    """
-    b_img, b_txt, d = regions.shape[0], words.shape[0], regions.shape[2]
+    Inputs: (B, L, d) tensors of one dtype on one device (any strides), int64 lengths in [1, L]
+    on the same device."""
+    b_img, b_txt = regions.shape[0], words.shape[0]
     out = torch.zeros((b_img, b_txt), dtype=torch.float32, device=regions.device)
     if b_img == 0 or b_txt == 0:
         return out
-    prec = dot_precision(regions.dtype)
-    flags = _flags(opts)
-    pre = _preps(regions, region_lengths, words, word_lengths, opts["direction"], prec)
-    parts = []
-    for dname, scale in _directions(opts["direction"]):
-        ctx, clen, qry, qlen, lam = _roles(dname, regions, region_lengths, words, word_lengths, opts)
-        o = out if len(parts) == 0 and scale == 1.0 else torch.empty_like(out)
-        s_oc, s_oq = (o.stride(0), o.stride(1)) if dname == "t2i" else (o.stride(1), o.stride(0))
-        lcp, lqp = max(16, _next_pow2(ctx.shape[1])), _next_pow2(qry.shape[1])
-        b_c, b_q = ctx.shape[0], qry.shape[0]
-        gram, inv_c, inv_q = pre[dname]
-        gram = inv_c if gram is None else gram  # not read when the kernel forms G itself
-        args = (ctx, clen, qry, qlen, o, gram, inv_c, inv_q, inv_q.stride(0), b_c, b_q, d,
-                ctx.stride(0), ctx.stride(1), ctx.stride(2), qry.stride(0), qry.stride(1), qry.stride(2), s_oc, s_oq,
-                lam, float(opts["tau"]), float(opts["lambda_lse"]))
-        meta = dict(LCP=lcp, LQP=lqp, DOT_PREC=prec, **flags)
-        if single_config():
-            cfg = _heuristic(lcp, lqp)
-            grid = (b_c * triton.cdiv(b_q, cfg["BQ"]),)
-            _fwd_kernel[grid](*args, **meta, **cfg)
-        else:
-            grid = lambda META: (b_c * triton.cdiv(b_q, META["BQ"]),)  # noqa: E731
-            _autotuned_fwd(lcp, lqp)[grid](*args, **meta)
-        parts.append((o, scale))
-    if len(parts) == 2:
-        out = parts[0][0] * parts[0][1] + parts[1][0] * parts[1][1]
+    plan = Plan(regions, region_lengths, words, word_lengths, opts, backward=False)
+    plan.set_lengths(region_lengths, word_lengths).prepare(xhat=False)
+    R, C, cfg = plan.R, plan.C, plan.cfg
+    s_or, s_oc = plan.pair_strides(out)
+    args = (*plan.side_args(), plan.gc, plan.gr, out, plan.d, R.L, C.L, R.nb, C.nb, plan.group,
+            *R.x.stride(), *C.x.stride(), s_or, s_oc,
+            plan.lam_c, plan.lam_r, plan.tau, plan.lam_lse, plan.w_c, plan.w_r)
+    grid = (R.nb * C.nb,)
+    consts = dict(plan.consts(), HALF_HANDOFF=plan.dtype != torch.float32)
+    if single_config() or _RECORD is not None:
+        _launch(jit._fwd_kernel, grid, *args, **consts, **cfg)
+    else:
+        _autotuned_fwd(*(cfg[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages")))[grid](*args, **consts)
     return out
 
 
-def _normalize_backward(x: torch.Tensor, lengths: torch.Tensor, dxhat: torch.Tensor) -> torch.Tensor:
-    """Backward of ``F.normalize(x, eps=1e-12)`` on the valid rows; padded rows get exactly 0."""
-    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None]
-    xf = torch.where(mask, x.float(), 0.0)
-    nrm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    denom = nrm.clamp_min(1e-12)
-    xh = xf / denom
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+def _normalize_backward(side: Side, lengths: torch.Tensor, dxhat: torch.Tensor, dtype) -> torch.Tensor:
+    """Backward of ``F.normalize(x, eps=1e-12)`` on the valid rows from the overflow-safe row
+    scales; padded rows get exactly 0."""
+    b, L, d = side.x.shape
+    x = side.x.reshape(b * L, d).float()
+    xh = (x * side.sc[:, None]) * side.inv[:, None]
+    inv_u = (side.sc * side.inv)[:, None]  # 1 / max(|x|, 1e-12)
+    big = (side.ex != TINY_ROW)[:, None]
+    mask = (torch.arange(L, device=x.device)[None, :] < lengths[:, None]).reshape(b * L, 1)
+    xh = torch.where(mask, xh, 0.0)
+    dxhat = dxhat.reshape(b * L, d)
     dot = (xh * dxhat).sum(-1, keepdim=True)
-    dx = (dxhat - torch.where(nrm > 1e-12, xh * dot, 0.0)) / denom
-    return torch.where(mask, dx, 0.0).to(x.dtype)
+    dx = (dxhat - torch.where(big, xh * dot, 0.0)) * inv_u
+    return torch.where(mask, dx, 0.0).reshape(b, L, d).to(dtype)
 
 
 def xattn_similarity_backward(grad, regions, region_lengths, words, word_lengths, opts: dict,
                               need_regions: bool = True, need_words: bool = True):
     """Gradients (d regions, d words) in the inputs' dtype for the upstream ``grad`` (B_img, B_txt)."""
-    b_img, b_txt, d = regions.shape[0], words.shape[0], regions.shape[2]
+    b_img, b_txt = regions.shape[0], words.shape[0]
     if b_img == 0 or b_txt == 0 or not (need_regions or need_words):
         return torch.zeros_like(regions), torch.zeros_like(words)
     g = grad.to(torch.float32).contiguous()  # an upstream gradient of .sum() has stride 0
-    prec = dot_precision(regions.dtype)
-    flags = _flags(opts)
-    pre = _preps(regions, region_lengths, words, word_lengths, opts["direction"], prec)
-    dr_hat = torch.zeros(regions.shape, dtype=torch.float32, device=regions.device)
-    dw_hat = torch.zeros(words.shape, dtype=torch.float32, device=words.device)
-    for dname, scale in _directions(opts["direction"]):
-        ctx, clen, qry, qlen, lam = _roles(dname, regions, region_lengths, words, word_lengths, opts)
-        d_ctx, d_qry = (dr_hat, dw_hat) if dname == "t2i" else (dw_hat, dr_hat)
-        s_gc, s_gq = (g.stride(0), g.stride(1)) if dname == "t2i" else (g.stride(1), g.stride(0))
-        need_ctx, need_qry = (need_regions, need_words) if dname == "t2i" else (need_words, need_regions)
-        lcp, lqp = max(16, _next_pow2(ctx.shape[1])), _next_pow2(qry.shape[1])
-        b_c, b_q = ctx.shape[0], qry.shape[0]
-        cfg = _heuristic(lcp, lqp)
-        gram, inv_c, inv_q = pre[dname]
-        pro = (inv_c if gram is None else gram, inv_c, inv_q, inv_q.stride(0))
-        common = (b_c, b_q, d, ctx.stride(0), ctx.stride(1), ctx.stride(2), qry.stride(0), qry.stride(1),
-                  qry.stride(2), s_gc, s_gq)
-        hyper = (lam, float(opts["tau"]), float(opts["lambda_lse"]), scale)
-        meta = dict(LCP=lcp, LQP=lqp, DOT_PREC=prec, **flags, **cfg)
-        if need_ctx:
-            _bwd_ctx_kernel[(b_c,)](ctx, clen, qry, qlen, g, d_ctx, *pro, *common,
-                                    d_ctx.stride(0), d_ctx.stride(1), d_ctx.stride(2), *hyper, **meta)
-        if need_qry:
-            _bwd_q_kernel[(triton.cdiv(b_q, cfg["BQ"]),)](ctx, clen, qry, qlen, g, d_qry, *pro, *common,
-                                                          d_qry.stride(0), d_qry.stride(1), d_qry.stride(2),
-                                                          *hyper, **meta)
-    dr = _normalize_backward(regions, region_lengths, dr_hat) if need_regions else torch.zeros_like(regions)
-    dw = _normalize_backward(words, word_lengths, dw_hat) if need_words else torch.zeros_like(words)
-    return dr, dw
+    plan = Plan(regions, region_lengths, words, word_lengths, opts, backward=True)
+    plan.set_lengths(region_lengths, word_lengths).prepare(xhat=True)
+    R, C, cfg = plan.R, plan.C, plan.cfg
+    bm, bn = cfg["BM"], cfg["BN"]
+    need_r, need_c = (need_words, need_regions) if plan.r_is_words else (need_regions, need_words)
+    dev = regions.device
+    ds_dtype = torch.float32 if plan.dtype == torch.float32 else plan.dtype
+    dxr = torch.zeros((R.b * R.L, plan.d), dtype=torch.float32, device=dev) if need_r else None
+    dxc = torch.zeros((C.b * C.L, plan.d), dtype=torch.float32, device=dev) if need_c else None
+    dgc = torch.zeros((C.b * C.L + 1, C.L), dtype=torch.float32, device=dev)
+    dgr = torch.zeros((R.b * R.L + 1, R.L), dtype=torch.float32, device=dev)
+    tile_bytes = bm * bn * torch.finfo(ds_dtype).bits // 8
+    chunk = max(1, min(R.nb, BWD_CHUNK_BYTES // (tile_bytes * C.nb)))
+    s_or, s_oc = plan.pair_strides(g)
+    consts = plan.consts()
+    scaled = ds_dtype != torch.float32
+    gemm_prec = plan.prec if plan.dtype == torch.float32 else "tf32"
+    bd = 64 if interpreter_enabled() else 128
+    for rb0 in range(0, R.nb, chunk):
+        nrb = min(chunk, R.nb - rb0)
+        n_r_chunk = (R.count - rb0).clamp(0, nrb).to(torch.int32)
+        ds = torch.empty((nrb * C.nb, bm, bn), dtype=ds_dtype, device=dev)
+        dsc = torch.ones(nrb * C.nb, dtype=torch.float32, device=dev)
+        pgc = torch.zeros((nrb * C.nb, bn, C.L), dtype=torch.float32, device=dev) if plan.dir_c else dsc
+        pgr = torch.zeros((nrb * C.nb, bm, R.L), dtype=torch.float32, device=dev) if plan.dir_r else dsc
+        _launch(jit._bwd_tile_kernel, (nrb * C.nb,),
+            *plan.side_args(), plan.gc, plan.gr, g, ds, dsc, pgc, pgr,
+            plan.d, R.L, C.L, nrb, C.nb, plan.group, rb0,
+            *R.x.stride(), *C.x.stride(), s_or, s_oc,
+            plan.lam_c, plan.lam_r, plan.tau, plan.lam_lse, plan.w_c, plan.w_r,
+            **consts, DS_SCALED=scaled, GRAM_EXACT=plan.dtype == torch.float32,
+            HALF_HANDOFF=plan.dtype != torch.float32, **cfg)
+        if need_r:  # R rows of this chunk: complete here
+            _launch(jit._bwd_gemm_kernel, (nrb, triton.cdiv(plan.d, bd)),
+                ds, dsc, C.xhat, C.tab, R.tab[rb0:], n_r_chunk, C.count, dxr,
+                plan.d, C.L, C.nb, C.L * plan.d, plan.d, 1, 0,
+                OWN_R=True, DS_SCALED=scaled, PREC=gemm_prec, BO=bm, BX=bn, BD=bd, BM=bm, BN=bn,
+                num_warps=cfg["num_warps"], num_stages=2)
+        if need_c:  # C rows: add this chunk's R blocks
+            _launch(jit._bwd_gemm_kernel, (C.nb, triton.cdiv(plan.d, bd)),
+                ds, dsc, R.xhat, R.tab[rb0:], C.tab, C.count, n_r_chunk, dxc,
+                plan.d, R.L, C.nb, R.L * plan.d, plan.d, 1, int(rb0 > 0),
+                OWN_R=False, DS_SCALED=scaled, PREC=gemm_prec, BO=bn, BX=bm, BD=bd, BM=bm, BN=bn,
+                num_warps=cfg["num_warps"], num_stages=2)
+        if plan.dir_c:  # each C row's row of 2 dG: summed over the chunk's R blocks
+            rows = pgc.view(nrb, C.nb, bn, C.L).sum(0).view(C.nb * bn, C.L)
+            dgc.index_add_(0, _trash_index(C.tab.view(-1), C.b * C.L), rows)
+        if plan.dir_r:  # R rows: summed over the C blocks
+            rows = pgr.view(nrb, C.nb, bm, R.L).sum(1).view(nrb * bm, R.L)
+            dgr.index_add_(0, _trash_index(R.tab[rb0:rb0 + nrb].reshape(-1), R.b * R.L), rows)
+    grads = {}
+    for side, dx, need, gram_on, dgm, lengths in (
+            (R, dxr, need_r, plan.dir_r, dgr, plan.r_lengths), (C, dxc, need_c, plan.dir_c, dgc, plan.c_lengths)):
+        if not need:
+            grads[id(side)] = torch.zeros_like(side.x)
+            continue
+        dx = dx.view(side.b, side.L, plan.d)
+        if gram_on:  # + 2 dG X_hat, per item (padded rows may hold anything: masked out first)
+            xh = side.x.reshape(side.b * side.L, plan.d).float() * side.sc[:, None] * side.inv[:, None]
+            valid = torch.arange(side.L, device=dev)[None, :] < lengths[:, None]
+            xh = torch.where(valid.reshape(-1, 1), xh, 0.0).view(side.b, side.L, plan.d)
+            dx = dx + torch.bmm(dgm[:-1].view(side.b, side.L, side.L), xh)
+        grads[id(side)] = _normalize_backward(side, lengths, dx, plan.dtype)
+    d_regions, d_words = (grads[id(C)], grads[id(R)]) if plan.r_is_words else (grads[id(R)], grads[id(C)])
+    return d_regions, d_words
+
+
+def _trash_index(tab: torch.Tensor, trash: int) -> torch.Tensor:
+    return torch.where(tab >= 0, tab, trash).to(torch.int64)

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._validate import Lengths, check_features, check_inputs, check_lengths
+from ._validate import Lengths, check_features, check_hyperparameters, check_inputs, check_lengths
 from .backends import select_backend
 from .options import make_options
 from .backends.reference import _masked_normalize, compute_dtype, pair_function
@@ -56,6 +56,7 @@ def xattn_similarity(
     """
     opts = make_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse)
     regions, region_lengths, words, word_lengths = check_inputs(regions, region_lengths, words, word_lengths)
+    check_hyperparameters(opts, regions.dtype)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     _, impl = select_backend(backend, regions, words, opts)
@@ -111,6 +112,7 @@ def entropy_map(
     regions, rl, words, wl = check_inputs(
         regions_i[None], None if region_length is None else [region_length],
         words_t[None], None if word_length is None else [word_length])
+    check_hyperparameters(opts, regions.dtype)
     cdt = compute_dtype(regions.dtype)
     r_hat, r_mask = _masked_normalize(regions.to(cdt)[:, : int(rl[0])], rl)
     w_hat, w_mask = _masked_normalize(words.to(cdt)[:, : int(wl[0])], wl)

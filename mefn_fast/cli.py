@@ -5,6 +5,10 @@ Commands: ``bench``, ``synth``, ``train``, ``evaluate``, ``heatmap``, ``ablation
 
 Subcommands live in :data:`COMMANDS` (name -> (help, add_arguments, run)), filled by
 :func:`register` calls at the end of this module.
+
+Errors: a user's mistake (a bad flag value, a missing or damaged file, a bad data folder or
+checkpoint) prints one line ``mefn-fast: error: ...`` on stderr and exits with status 2; ``--debug``
+shows its traceback instead. Any other exception is a bug: its traceback is printed, status 1.
 """
 from __future__ import annotations
 
@@ -14,9 +18,45 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 COMMANDS: dict = {}
+
+
+class UsageError(Exception):
+    """A mistake in the command line (not a bug): printed as ``mefn-fast: error: <message>``, status 2."""
+
+
+# what a user's mistake raises (files and folders: OSError; bad values: ValueError / TypeError)
+USER_ERRORS = (UsageError, ValueError, TypeError, OSError)
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+    return parse
+
+
+positive_int, natural_int = _at_least(1), _at_least(0)
+
+
+def _folds(text: str):
+    return text if text == "auto" else natural_int(text)
+
+
+def _read_options_json(path: str) -> dict:
+    """A JSON file of options (flag names with '_' or '-'); errors name the file."""
+    from .retrieval.checkpoint import read_json_object
+
+    return {k.replace("-", "_"): v for k, v in read_json_object(path, "training options").items()}
 
 
 def register(name: str, help: str, add_arguments: Callable, run: Callable) -> None:
@@ -59,7 +99,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
                    help="probability that a caption mentions an object's size")
     p.add_argument("--png", action="store_true", help="also render the train/dev/test scenes as PNG images and "
                                                       "write dataset_synth.json (Karpathy format) for timm backbones")
-    p.add_argument("--png-size", type=int, default=96, help="side of the rendered PNG images in pixels")
+    p.add_argument("--png-size", type=positive_int, default=96, help="side of the rendered PNG images in pixels")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -113,22 +153,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def train_config_from_args(args):
     from .retrieval.train import TrainConfig
 
-    values: dict = {}
-    if getattr(args, "config", None):
-        try:
-            with open(args.config) as f:
-                values = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"mefn-fast train: {args.config}: cannot read the JSON config ({e})")
-        if not isinstance(values, dict):
-            raise SystemExit(f"mefn-fast train: {args.config}: expected a JSON object of options")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+    values: dict = _read_options_json(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"mefn-fast train: {e}")
+        raise UsageError(f"{args.config}: {e}" if getattr(args, "config", None) else str(e)) from e
 
 
 def _train_run(args) -> int:
@@ -142,30 +173,32 @@ def _train_run(args) -> int:
 # ---------------------------------------------------------------------------------- evaluate
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder of 'mefn-fast train' (its best/ model), a model folder "
-                                      "(config.json, weights.pt) or a checkpoint last.pt")
+                                      "(config.json, model.safetensors) or a checkpoint last.pt")
     p.add_argument("--data", required=True, help="SCAN precomputed folder or Karpathy-split JSON file")
     p.add_argument("--split", default="test", help="split to evaluate (train, dev, test, testall)")
     p.add_argument("--image-root", help="images of a Karpathy JSON (default: the JSON's folder)")
-    p.add_argument("--folds", default="auto",
+    p.add_argument("--folds", type=_folds, default="auto",
                    help="also report the mean over this many equal folds (COCO 1K: 5 on the 5000-image testall); "
                         "'auto': 5 for testall, none otherwise; 0: none")
     p.add_argument("--backend", help="similarity backend (auto, reference, cpu, triton, cuda); default: the one "
                                      "the model was trained with")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch when embedding (captions: twice that)")
-    p.add_argument("--image-chunk", type=int, default=128, help="images per block of the score matrix")
-    p.add_argument("--caption-chunk", type=int, default=640, help="captions per block of the score matrix")
-    p.add_argument("--max-length", type=int, help="caption truncation in tokens (default: the training value, else 64)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per batch when embedding (captions: twice that)")
+    p.add_argument("--image-chunk", type=positive_int, default=128, help="images per block of the score matrix")
+    p.add_argument("--caption-chunk", type=positive_int, default=640, help="captions per block of the score matrix")
+    p.add_argument("--max-length", type=positive_int,
+                   help="caption truncation in tokens (default: the training value, else 64)")
     p.add_argument("--tokenizer", help="tokenizer to use instead of the one saved with the model")
-    p.add_argument("--image-size", type=int, help="timm models: image side (default: the training value, else the "
-                                                  "backbone's input size)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="timm models: image side (default: the training value, else the backbone's input size)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision on CUDA (never on the CPU)")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes for the images")
-    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    p.add_argument("--workers", type=natural_int, default=0, help="data loader worker processes for the images")
+    p.add_argument("--threads", type=positive_int, help="CPU threads of torch (default: torch's choice)")
     p.add_argument("--out", help="JSON file for the results (default: eval_{split}.json beside the model)")
     p.add_argument("--scores", help="also save the (images, captions) score matrix to this .npy file")
-    p.add_argument("--topk", type=int, metavar="K",
+    p.add_argument("--topk", type=positive_int, metavar="K",
                    help="gallery too large for the score matrix: stream the blocks and keep only the K best captions "
                         "of each image and images of each caption (no full metrics; written to --topk-out)")
     p.add_argument("--topk-out", help="the .npz file of --topk: captions_of_image, images_of_caption (indices, "
@@ -201,6 +234,10 @@ def _evaluate(args, ctx) -> int:
         torch.set_num_threads(args.threads)
     device = ctx.device if ctx.enabled else resolve_device(args.device)
     progress = args.progress and ctx.is_main
+    if args.backend and args.backend != "auto":
+        from .backends import get_backend
+
+        get_backend(args.backend)  # an unknown name fails now, not after embedding the split
     model, tokenizer, info = load_trained(args.checkpoint, tokenizer=args.tokenizer)
     model.to(device)
     if args.backend:
@@ -214,8 +251,6 @@ def _evaluate(args, ctx) -> int:
     base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     procs = f", {ctx.world_size} processes" if ctx.enabled else ""
     if args.topk is not None:
-        if args.topk < 1:
-            raise SystemExit("mefn-fast evaluate: --topk must be >= 1")
         res = topk_split(model, dataset, tokenizer, args.topk, batch_size=args.batch_size,
                          image_chunk=args.image_chunk, caption_chunk=args.caption_chunk, max_length=max_length,
                          amp=args.amp, workers=args.workers, progress=progress)
@@ -232,7 +267,7 @@ def _evaluate(args, ctx) -> int:
     if args.folds == "auto":
         folds = 5 if args.split == "testall" and dataset.n_images % 5 == 0 else 0
     else:
-        folds = int(args.folds)
+        folds = args.folds
     result = evaluate_split(model, dataset, tokenizer, batch_size=args.batch_size, image_chunk=args.image_chunk,
                             caption_chunk=args.caption_chunk, max_length=max_length, folds=folds, amp=args.amp,
                             workers=args.workers, progress=progress)
@@ -258,11 +293,11 @@ def _evaluate(args, ctx) -> int:
 # ---------------------------------------------------------------------------------- heatmap
 def _heatmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder of 'mefn-fast train' (its best/ model), a model folder "
-                                      "(config.json, weights.pt) or a checkpoint last.pt")
+                                      "(config.json, model.safetensors) or a checkpoint last.pt")
     p.add_argument("--data", required=True, help="SCAN precomputed folder or Karpathy-split JSON file")
     p.add_argument("--split", default="test", help="split that holds the pair (train, dev, test, testall)")
-    p.add_argument("--image", type=int, default=0, help="index of the image in the split")
-    p.add_argument("--caption", type=int, help="index of the caption in the split (default: the image's first "
+    p.add_argument("--image", type=natural_int, default=0, help="index of the image in the split")
+    p.add_argument("--caption", type=natural_int, help="index of the caption in the split (default: the image's first "
                                                "caption; any caption may be drawn against the image)")
     p.add_argument("--direction", choices=("t2i", "i2t"),
                    help="t2i: words query the regions (rows: regions, columns: words); i2t: the reverse "
@@ -270,11 +305,12 @@ def _heatmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="PNG file (default: heatmap_{split}_{image}_{caption}.png beside the model)")
     p.add_argument("--numbers", help="also write the maps (A, h, H, H_norm, w, MFE, R, score, labels) to this JSON "
                                      "file (default: the PNG's name with .json)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
+    p.add_argument("--dpi", type=positive_int, default=100, help="resolution of the PNG")
     p.add_argument("--image-root", help="images of a Karpathy JSON (default: the JSON's folder)")
-    p.add_argument("--max-length", type=int, help="caption truncation in tokens (default: the training value, else 64)")
+    p.add_argument("--max-length", type=positive_int,
+                   help="caption truncation in tokens (default: the training value, else 64)")
     p.add_argument("--tokenizer", help="tokenizer to use instead of the one saved with the model")
-    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads of torch (default: torch's choice)")
 
 
 def _heatmap_run(args) -> int:
@@ -295,14 +331,11 @@ def _heatmap_run(args) -> int:
     caption = args.caption
     if caption is None:
         if not 0 <= args.image < dataset.n_images:
-            raise SystemExit(f"mefn-fast heatmap: --image {args.image} is not in [0, {dataset.n_images})")
+            raise UsageError(f"--image {args.image} is not in [0, {dataset.n_images})")
         caption = int(list(dataset.caption_image).index(args.image))
-    try:
-        maps, words, regions = pair_entropy_map(model, dataset, tokenizer, args.image, caption,
-                                                max_length=args.max_length or train_cfg.get("max_length", 64),
-                                                direction=args.direction)
-    except ValueError as e:
-        raise SystemExit(f"mefn-fast heatmap: {e}")
+    maps, words, regions = pair_entropy_map(model, dataset, tokenizer, args.image, caption,
+                                            max_length=args.max_length or train_cfg.get("max_length", 64),
+                                            direction=args.direction)
     direction = args.direction or (model.opts.direction if model.opts.direction in ("t2i", "i2t") else "t2i")
     query, context = (words, regions) if direction == "t2i" else (regions, words)
     base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
@@ -339,17 +372,18 @@ def _ablation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth-train", type=int, default=d.synth_train, help="generated train images (5 captions each)")
     p.add_argument("--synth-test", type=int, default=d.synth_test, help="generated test images")
     p.add_argument("--synth-noise", type=float, default=d.synth_noise, help="noise of the generated region features")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs of every run")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="training epochs of every run")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="pairs per step")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="first epochs with the sum over negatives, then the hardest")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="joint embedding dimension")
     p.add_argument("--text-hidden", type=int, default=d.text_hidden, help="'tiny' text encoder: hidden size")
     p.add_argument("--text-layers", type=int, default=d.text_layers, help="'tiny' text encoder: layers")
-    p.add_argument("--max-steps", type=int, help="stop every run after this many steps (a tiny budget)")
+    p.add_argument("--max-steps", type=positive_int, help="stop every run after this many steps (a tiny budget)")
     p.add_argument("--backend", default=d.backend, help="similarity backend (auto, reference, cpu, triton, cuda)")
-    p.add_argument("--threads", type=int, help="CPU threads of torch (1 is often fastest for these small models)")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads of torch (1 is often fastest for these small models)")
     p.add_argument("--train-config", help="JSON file of further 'mefn-fast train' options applied to every run "
                                           "(e.g. {\"tau\": 0.5})")
     p.add_argument("--markdown", help="also write the table to this file (default: OUT/ablation.md)")
@@ -358,20 +392,14 @@ def _ablation_args(p: argparse.ArgumentParser) -> None:
 def _ablation_run(args) -> int:
     from .retrieval.ablation import AblationConfig, format_markdown, run_ablation
 
-    extra = {}
-    if args.train_config:
-        with open(args.train_config) as f:
-            extra = {k.replace("-", "_"): v for k, v in json.load(f).items()}
+    extra = _read_options_json(args.train_config) if args.train_config else {}
     cfg = AblationConfig(out=args.out, data=args.data, split=args.split, seeds=args.seeds, variants=args.variants,
                          synth_seed=args.synth_seed, synth_train=args.synth_train, synth_test=args.synth_test,
                          synth_noise=args.synth_noise, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          warmup_epochs=args.warmup_epochs, embed_dim=args.embed_dim, text_hidden=args.text_hidden,
                          text_layers=args.text_layers, max_steps=args.max_steps, threads=args.threads,
                          backend=args.backend, train_options=extra)
-    try:
-        result = run_ablation(cfg)
-    except ValueError as e:
-        raise SystemExit(f"mefn-fast ablation: {e}")
+    result = run_ablation(cfg)
     table = format_markdown(result)
     print(table)
     md = args.markdown or os.path.join(args.out, "ablation.md")
@@ -427,21 +455,47 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"mefn_fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_arguments, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_,
                            formatter_class=_Formatter)
         add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the Python traceback")
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Optional[list] = None) -> int:
+    """Run ``mefn-fast``; returns the exit status (see the module docstring for errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    return COMMANDS[args.command][2](args) or 0
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("mefn-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, USER_ERRORS) or type(e).__name__ == "OutOfMemoryError":
+            print(f"mefn-fast: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"mefn-fast: internal error ({type(e).__name__}), a bug in mefn_fast: the traceback above says where",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

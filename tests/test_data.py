@@ -252,7 +252,7 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer(str(tmp_path / "vocab.txt"))
     with pytest.raises(ValueError, match="needs a vocab.txt"):
         load_tokenizer("tiny")
-    with pytest.raises(ValueError, match="never downloaded"):
+    with pytest.raises(ValueError, match="nothing is downloaded"):
         load_tokenizer("bert-base-uncased-not-here")
 
 

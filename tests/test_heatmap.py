@@ -69,12 +69,14 @@ def test_heatmap_command_writes_png_with_entropy_map_numbers(run, tmp_path, caps
         assert im.size == _expected_png_size(len(context), len(query), 50)
 
 
-def test_default_caption_and_errors(run, tmp_path):
+def test_default_caption_and_errors(run, tmp_path, capsys):
     data, run_dir = run
     assert main(["heatmap", run_dir, "--data", data, "--image", "2", "--out", str(tmp_path / "h.png")]) == 0
     assert json.loads((tmp_path / "h.json").read_text())["caption"] == 10  # the image's first caption
-    with pytest.raises(SystemExit, match="not in"):
-        main(["heatmap", run_dir, "--data", data, "--image", "2", "--caption", "99", "--out", str(tmp_path / "x.png")])
+    capsys.readouterr()
+    assert main(["heatmap", run_dir, "--data", data, "--image", "2", "--caption", "99",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith("mefn-fast: error: caption 99 is not in")
     model, tok, _ = load_trained(run_dir)
     maps, words, regions = pair_entropy_map(model, PrecompDataset(data, "test"), tok, 0, 0)
     assert maps.h.shape == (len(regions), len(words)) and len(regions) == 6

@@ -113,7 +113,7 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == model.config
     assert loaded.opts == model.opts
     model.eval(), loaded.eval()
-    assert torch.equal(model(feats, ids, mask, rl), loaded(feats, ids, mask, rl))
+    assert torch.equal(model(feats, ids, mask, region_lengths=rl), loaded(feats, ids, mask, region_lengths=rl))
 
 
 def test_text_encoder_from_local_folder_and_module(tmp_path):
@@ -124,7 +124,7 @@ def test_text_encoder_from_local_folder_and_module(tmp_path):
     _, _, ids, mask = batch()
     torch.testing.assert_close(a.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
                                b.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state)
-    assert a.config["text_encoder"] == str(tmp_path / "bert")
+    assert a.config["text_encoder"] is None  # a folder of this machine is never recorded
 
 
 @pytest.mark.parametrize("name,size,kwargs,n_regions", [

@@ -56,7 +56,8 @@ def test_auto_picks_cpu_for_cpu_float_tensors():
     r, w = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     assert select_backend("auto", r, w, XAttnOptions())[0] == "cpu"
     assert select_backend("auto", r.double(), w.double(), XAttnOptions())[0] == "cpu"
-    assert select_backend("auto", r.half(), w.half(), XAttnOptions())[0] == "reference"
+    assert select_backend("auto", r.half(), w.half(), XAttnOptions())[0] == "cpu"
+    assert select_backend("auto", r.bfloat16(), w.bfloat16(), XAttnOptions())[0] == "cpu"
 
 
 # ----------------------------------------------------------------------------- float64: exact
@@ -250,8 +251,8 @@ def test_bad_input_through_the_cpu_backend():
         cpu(regions, rl, words.double(), wl)
     with pytest.raises(ValueError, match="tau"):
         cpu(regions, rl, words, wl, tau=0.0)
-    with pytest.raises(ValueError, match="cpu"):  # half precision: the cpu backend says it cannot
-        cpu(regions.half(), rl, words.half(), wl)
+    with pytest.raises(TypeError, match=r"regions \(torch.bfloat16\) and words \(torch.float32\)"):
+        cpu(regions.bfloat16(), rl, words, wl)  # mixed dtypes: both named
 
 
 def test_the_raw_op_checks_its_arguments():

@@ -159,7 +159,12 @@ def test_emulated_every_option(opts):
 
 
 # (shape, opts, knobs): many blocks on each side (small block caps), saved tiles, several
-# super-blocks (a small budget), N and M above 32, length-1 items, ViT-like contexts.
+# super-blocks (a small budget), N and M above 32, length-1 items, ViT-like contexts. (Seeds matter
+# a little: with clipped_l2norm, a caption of one word and a cosine near 0, E = P / (|P| + 1e-8)
+# makes the gradient very sensitive to the rounding of S, and any fp32 implementation, the
+# reference included, can be 10x off there.) The length-1 case has d = 3: with d = 1 every unit
+# row is +-1, the gradients are identically 0, the reference's are exactly 0, and only the
+# kernels' rounding noise would be compared with a zero yardstick.
 EMULATED_CASES = [
     ((11, 13, 7, 5, 40), dict(direction="both", agg="lse"), dict(block_cap=8)),
     ((11, 13, 7, 5, 40), dict(direction="both", agg="lse"), dict(block_cap=8, budget=1 << 20)),
@@ -167,7 +172,7 @@ EMULATED_CASES = [
     ((3, 4, 40, 35, 20), dict(direction="both"), dict(block_cap=48)),
     ((2, 3, 37, 33, 70), dict(direction="t2i", attn_norm="none"), {}),
     ((2, 3, 2, 33, 7), dict(direction="i2t"), dict(budget=1 << 20)),
-    ((1, 1, 1, 1, 1), dict(direction="both"), {}),
+    ((1, 1, 1, 1, 3), dict(direction="both"), {}),
     ((2, 3, 61, 9, 16), dict(direction="t2i"), dict(block_cap=64, budget=1 << 20)),
 ]
 

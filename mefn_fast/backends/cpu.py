@@ -1,9 +1,10 @@
 """The "cpu" backend: the fused C++ op ``mefn_fast::xattn_similarity_fwd`` (csrc/xattn_similarity.cpp)
-with its backward, for float32 and float64 CPU tensors.
+with its backward, for CPU tensors.
 
-Half-precision CPU inputs are not taken (``input_limits`` says so and ``"auto"`` falls back to the
-reference, which computes them in float32): the op would only upcast them, and doing that in the
-caller keeps the op's dtype contract simple.
+The op computes float32 and float64 in their own precision. Half-precision inputs (float16,
+bfloat16) are cast to float32 here, before the op, and the scores cast back to the input dtype (as
+the reference computes them); the gradients flow back through the casts in the input dtype. The op's
+own dtype contract stays float32 / float64.
 """
 from __future__ import annotations
 
@@ -15,26 +16,29 @@ from . import BackendUnavailable
 from ..options import XAttnOptions
 
 
-def _build_reason() -> str:
-    from .build import build_info
-
-    info = build_info()
-    if info.get("built"):
-        return "the extension was built but mefn_fast._C does not import"
-    return f"C++ extension not built: {info.get('reason') or 'unknown reason'}"
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def load():
+    from .build import extension_problem
+
+    problem = extension_problem()
+    if problem is not None:
+        raise BackendUnavailable(problem)
     try:
         from . import ext_ops
     except ImportError as e:
-        raise BackendUnavailable(f"{_build_reason()} ({type(e).__name__}: {e})") from None
+        raise BackendUnavailable(f"the extension was built but mefn_fast._C does not import "
+                                 f"({type(e).__name__}: {e})") from None
     if not hasattr(torch.ops.mefn_fast, "xattn_similarity_fwd"):
         raise BackendUnavailable("mefn_fast._C loaded but did not register mefn_fast::xattn_similarity_fwd")
 
     def impl(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor, word_lengths: torch.Tensor,
              opts: XAttnOptions, chunk_size: Optional[int] = None) -> torch.Tensor:
         # chunk_size is the reference's knob; the fused op's memory is bounded by its block sizes.
+        if regions.dtype in _HALF:  # computed in float32, returned in the input dtype
+            return ext_ops.xattn_similarity(regions.float(), region_lengths, words.float(), word_lengths,
+                                            opts).to(regions.dtype)
         return ext_ops.xattn_similarity(regions, region_lengths, words, word_lengths, opts)
 
     return impl

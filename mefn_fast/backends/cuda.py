@@ -31,21 +31,18 @@ OPS = ("mefn_fast::xattn_similarity_fwd", "mefn_fast::xattn_similarity_bwd", "me
        "mefn_fast::xattn_similarity_bwd_saved")
 
 
-def _build_info() -> dict:
-    from .build import build_info
-
-    return build_info()
-
-
 def cuda_ops_registered() -> bool:
     """Whether the loaded extension has CUDA kernels for every op."""
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in OPS)
 
 
 def load():
-    info = _build_info()
-    if not info.get("built"):
-        raise BackendUnavailable(f"C++/CUDA extension not built: {info.get('reason') or 'unknown reason'}")
+    from .build import build_info, extension_problem
+
+    problem = extension_problem()
+    if problem is not None:
+        raise BackendUnavailable(problem)
+    info = build_info()
     if not info.get("cuda"):
         reason = info.get("reason") or "unknown reason"
         prefix = "CUDA ops not built: "

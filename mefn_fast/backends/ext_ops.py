@@ -3,7 +3,9 @@
 Importing this module loads ``mefn_fast._C`` (an empty Python module whose shared library
 registers the ops with ``TORCH_LIBRARY``) and attaches, device-agnostically, the fake (meta)
 kernels and the autograd formulas, so the CPU kernels and the CUDA kernels of ``csrc/cuda/``
-share them and both work under ``torch.compile`` and pass ``torch.library.opcheck``.
+share them and both work under ``torch.compile`` and pass ``torch.library.opcheck``. When the
+build record says that library cannot be used with the running torch (``build.py``), the import
+raises ImportError with the reason and loads nothing.
 
     scores = xattn_similarity(regions, region_lengths, words, word_lengths, opts)
 
@@ -26,6 +28,7 @@ fit the tile budget, the forward returns them in ``saved`` and the backward star
 otherwise ``saved`` is empty and the backward recomputes the tiles, one super-block of at most
 the budget at a time. The budget is 256 MiB by default, ``MEFN_TILE_BUDGET_MB`` in the
 environment or :func:`set_tile_budget` change it (0 always recomputes).
+The backward ops themselves are not differentiable: a double backward raises (the reference has one).
 """
 from __future__ import annotations
 
@@ -33,8 +36,15 @@ import os
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the library that registers the ops)
 from ..options import XAttnOptions
+from .build import extension_problem
+
+# never load a library built for another torch (its C++ ABI may differ): say why instead
+_problem = extension_problem()
+if _problem is not None:
+    raise ImportError(_problem)
+
+from .. import _C  # noqa: E402,F401  (loads the library that registers the ops)
 
 fwd_op = torch.ops.mefn_fast.xattn_similarity_fwd.default
 bwd_op = torch.ops.mefn_fast.xattn_similarity_bwd.default
@@ -169,6 +179,21 @@ def _backward_saved(ctx, grad_scores, grad_saved):
 torch.library.register_autograd("mefn_fast::xattn_similarity_fwd", _backward, setup_context=_setup_context)
 torch.library.register_autograd("mefn_fast::xattn_similarity_fwd_saved", _backward_saved,
                                 setup_context=_setup_context_saved)
+
+
+# The backward ops have no derivative of their own: differentiating a gradient (create_graph=True,
+# gradgradcheck) raises instead of silently treating the backward as a constant.
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.backend = "cpu" if inputs[1].device.type == "cpu" else "cuda"
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"double backward of xattn_similarity (differentiating its gradient) is not supported by "
+                       f"the {ctx.backend!r} backend; use backend='reference' for second derivatives")
+
+
+for _name in ("mefn_fast::xattn_similarity_bwd", "mefn_fast::xattn_similarity_bwd_saved"):
+    torch.library.register_autograd(_name, _no_double_backward, setup_context=_bwd_setup_context)
 
 
 def xattn_similarity(regions: torch.Tensor, region_lengths: torch.Tensor, words: torch.Tensor,

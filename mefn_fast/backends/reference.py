@@ -45,11 +45,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm over the last dim (kept), with finite derivatives of every order at a zero row.
+
+    ``vector_norm``'s first derivative at 0 is 0 but its second is NaN, which a double backward
+    through the padded (all-zero) rows would spread everywhere.
+    """
+    sq = (x * x).sum(-1, keepdim=True)
+    nonzero = sq > 0
+    return torch.where(nonzero, torch.sqrt(torch.where(nonzero, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
 def _masked_normalize(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the padded rows, then L2-normalise rows; returns (x_hat, mask)."""
+    """Zero the padded rows, then L2-normalise rows as ``F.normalize`` does (step 1); returns (x_hat, mask).
+
+    Each row is divided by its largest magnitude before squaring, so no finite row overflows (or
+    underflows) the dtype: ``x / max(|x|, eps) = y / max(|y|, eps / s)`` with ``y = x / s``. The
+    scale s is a constant for autograd: the function does not depend on it.
+    """
     mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
     x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.normalize(x, dim=-1, eps=NORM_EPS), mask
+    scale = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows (and NaN rows) stay as they are
+    y = x / scale
+    return y / torch.maximum(_norm(y), NORM_EPS / scale), mask
 
 
 def pair_function(c_hat, c_mask, q_hat, q_mask, lam: float, opts: XAttnOptions) -> PairMaps:
@@ -64,8 +83,7 @@ def pair_function(c_hat, c_mask, q_hat, q_mask, lam: float, opts: XAttnOptions) 
     qm = q_mask.unsqueeze(-2)  # (..., 1, m)
     if opts.attn_norm == "clipped_l2norm":
         P = torch.where(qm, F.leaky_relu(S, 0.1), torch.zeros((), dtype=S.dtype, device=S.device))
-        # vector_norm's backward is 0 (not NaN) for an all-zero row.
-        E = P / (torch.linalg.vector_norm(P, dim=-1, keepdim=True) + CLIP_EPS)
+        E = P / (_norm(P) + CLIP_EPS)  # padded context rows of P are 0
     else:
         E = S
     logits = torch.where(cm, lam * E, torch.full((), -math.inf, dtype=S.dtype, device=S.device))
@@ -129,12 +147,14 @@ def xattn_similarity_reference(
     r_hat, r_mask = _masked_normalize(regions.to(cdt), region_lengths)
     w_hat_all, w_mask_all = _masked_normalize(words.to(cdt), word_lengths)
 
+    trim = not torch.compiler.is_compiling()  # reading the longest caption is a host sync: not under compile
     columns = []
     for start in range(0, b_txt, chunk_size):
         w_hat = w_hat_all[start:start + chunk_size]
         w_mask = w_mask_all[start:start + chunk_size]
-        m_chunk = int(word_lengths[start:start + chunk_size].max())  # trim padding beyond the chunk's longest
-        w_hat, w_mask = w_hat[:, :m_chunk], w_mask[:, :m_chunk]
+        if trim:  # drop the padding beyond the chunk's longest caption
+            m_chunk = int(word_lengths[start:start + chunk_size].max())
+            w_hat, w_mask = w_hat[:, :m_chunk], w_mask[:, :m_chunk]
         parts = []
         if opts.direction in ("t2i", "both"):
             parts.append(pair_function(r_hat[:, None], r_mask[:, None], w_hat[None], w_mask[None], opts.lambda_t2i, opts).score)

@@ -53,6 +53,13 @@ def _check_device(t: torch.Tensor) -> None:
                            "set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors")
 
 
+def _check_lengths(name: str, lengths: torch.Tensor, max_len: int) -> None:
+    """The lengths' range, read when the op runs: under torch.compile the caller's Python check is
+    skipped, and a length beyond the tile would make the kernels read past the item."""
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        raise ValueError(f"{name} must lie in [1, {max_len}]")
+
+
 def _opts(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse) -> dict:
     return dict(direction=direction, lambda_t2i=lambda_t2i, lambda_i2t=lambda_i2t, attn_norm=attn_norm,
                 mfe=mfe, tau=tau, agg=agg, lambda_lse=lambda_lse)
@@ -63,6 +70,8 @@ def xattn_similarity_op(regions: torch.Tensor, region_lengths: torch.Tensor, wor
                         word_lengths: torch.Tensor, direction: str, lambda_t2i: float, lambda_i2t: float,
                         attn_norm: str, mfe: bool, tau: float, agg: str, lambda_lse: float) -> torch.Tensor:
     _check_device(regions)
+    _check_lengths("region_lengths", region_lengths, regions.shape[1])
+    _check_lengths("word_lengths", word_lengths, words.shape[1])
     scores = _kernels().xattn_similarity_forward(
         regions.contiguous(), region_lengths.contiguous(), words.contiguous(), word_lengths.contiguous(),
         _opts(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse))
@@ -112,6 +121,21 @@ def _backward(ctx, grad):
 xattn_similarity_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _double_backward(ctx, grad_dr, grad_dw):
+    raise RuntimeError("double backward is not supported by the triton backend (the gradient of "
+                       "mefn_fast_triton::xattn_similarity has no derivative); use backend='reference' for "
+                       "second derivatives")
+
+
+def _setup_double(ctx, inputs, output):
+    pass
+
+
+# A gradient taken with create_graph=True is fine; differentiating it again raises rather than
+# returning silently wrong second derivatives.
+xattn_similarity_backward_op.register_autograd(_double_backward, setup_context=_setup_double)
+
+
 def xattn_similarity_triton(regions, region_lengths, words, word_lengths, opts: XAttnOptions, chunk_size=None):
     """The backend implementation: scores (B_img, B_txt); ``chunk_size`` is ignored (nothing is chunked)."""
     return xattn_similarity_op(regions, region_lengths, words, word_lengths, opts.direction,
@@ -119,26 +143,35 @@ def xattn_similarity_triton(regions, region_lengths, words, word_lengths, opts: 
                                float(opts.tau), opts.agg, float(opts.lambda_lse))
 
 
-MAX_M_LONG_N = 32  # with N > 128 (256-row tiles), only M <= 32 was checked to fit (ViT: 197 x 32)
-MAX_N_FP32 = 128  # float32 with 256-row tiles: the exact ("ieee") G @ A product stages a 256 x 256
-                  # float32 operand in shared memory: ~330 KiB, more than an H100's 227 KiB
+MAX_N_FP32 = 128  # float32 context Gram blocks of 256 rows would need 256 KiB of shared memory
+MAX_N_GRAD = 128  # the backward of 256-row context blocks: a 256 x 256 Gram gradient a tile
 
 
 def input_limits(regions: torch.Tensor, words: torch.Tensor, opts: XAttnOptions) -> list[str]:
-    """Sizes the kernels do not take (they keep whole tiles in registers)."""
+    """Sizes the kernels do not take (they hold whole tiles of packed items in registers)."""
     out = []
-    if regions.shape[1] > MAX_N:
-        out.append(f"N={regions.shape[1]} regions per image > {MAX_N} (the Triton kernels hold an N x N Gram "
-                   "tile in registers); use backend='reference'")
-    elif regions.shape[1] > MAX_N_FP32 and regions.dtype == torch.float32:
-        out.append(f"float32 with N={regions.shape[1]} regions per image > {MAX_N_FP32} (the 256-row float32 "
-                   "tiles need more shared memory than an H100 has); use float16 / bfloat16 or another backend")
-    elif regions.shape[1] > MAX_N_FP32 and words.shape[1] > MAX_M_LONG_N:
-        out.append(f"N={regions.shape[1]} regions per image > {MAX_N_FP32} together with M={words.shape[1]} words "
-                   f"> {MAX_M_LONG_N} (the backward's 256-row tiles would need more shared memory than an H100 "
-                   "has); use another backend")
-    if words.shape[1] > MAX_M:
-        out.append(f"M={words.shape[1]} words per caption > {MAX_M}; use backend='reference'")
+    n, m = regions.shape[1], words.shape[1]
+    if n > MAX_N:
+        out.append(f"N={n} regions per image > {MAX_N} (a block holds whole items); use backend='reference'")
+    elif n > MAX_N_FP32 and regions.dtype == torch.float32:
+        out.append(f"float32 with N={n} regions per image > {MAX_N_FP32} (the 256-row float32 Gram blocks need "
+                   "more shared memory than an H100 has); use float16 / bfloat16 or another backend")
+    if m > MAX_M:
+        out.append(f"M={m} words per caption > {MAX_M}; use backend='reference'")
+    if not out:
+        k = _kernels()
+        l_r, l_c = (n, m) if opts.direction == "i2t" else (m, n)
+        if k.tile_config(l_r, l_c, regions.dtype, backward=True, interpret=False,
+                         both=opts.direction == "both") is None:
+            cells = 8192 if regions.dtype == torch.float32 else 16384
+            out.append(f"N={n} regions per image together with M={m} words per caption: no tile of at most "
+                       f"{cells} cells ({str(regions.dtype).replace('torch.', '')}) holds a block of each; use "
+                       "another backend")
+        elif (n > MAX_N_GRAD and opts.direction != "i2t" and torch.is_grad_enabled()
+              and (regions.requires_grad or words.requires_grad)):
+            out.append(f"gradients with N={n} regions per image > {MAX_N_GRAD} as the context (direction "
+                       f"{opts.direction!r}): the backward's 256-row Gram blocks need more shared memory than an "
+                       "H100 has (the forward alone is supported); use another backend")
     return out
 
 

@@ -1,8 +1,6 @@
-"""The encoders of :class:`~mefn_fast.MEFN`: precomputed region features or a ``timm`` backbone for
-the images, a ``transformers`` encoder for the captions."""
+"""The image encoders of :class:`~mefn_fast.MEFN`: precomputed region features or a ``timm`` backbone.
+The text encoders are built by :mod:`mefn_fast.model.text`."""
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -45,31 +43,3 @@ class TimmImageEncoder(nn.Module):
         else:
             raise ValueError(f"unexpected timm feature shape {tuple(feats.shape)}")
         return self.proj(feats)
-
-
-def build_text_encoder(spec, pretrained: bool) -> nn.Module:
-    """A transformers encoder from a name/path, a config (object or dict) or a module."""
-    if isinstance(spec, nn.Module):
-        return spec
-    import transformers
-
-    if isinstance(spec, transformers.PretrainedConfig):
-        return transformers.AutoModel.from_config(spec, **_no_pooler(spec))
-    if isinstance(spec, dict):
-        cfg = dict(spec)
-        model_type = cfg.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("a text_encoder config dict needs a 'model_type' (e.g. 'bert')")
-        return build_text_encoder(transformers.AutoConfig.for_model(model_type, **cfg), pretrained)
-    if isinstance(spec, (str, os.PathLike)):
-        spec = os.fspath(spec)
-        config = transformers.AutoConfig.from_pretrained(spec)
-        if pretrained:
-            return transformers.AutoModel.from_pretrained(spec, **_no_pooler(config))
-        return build_text_encoder(config, pretrained)
-    raise TypeError(f"text_encoder must be a name, path, config, config dict or nn.Module; got {type(spec).__name__}")
-
-
-def _no_pooler(config) -> dict:
-    """Drop the unused pooling head where the model class takes that switch (BERT family)."""
-    return {"add_pooling_layer": False} if getattr(config, "model_type", "") in ("bert", "roberta") else {}

@@ -1,14 +1,18 @@
 """Retrieval metrics (docs/math.md, section 3), with ties counted against the model."""
 from __future__ import annotations
 
+from typing import Any, Optional, Sequence, Union
+
 import numpy as np
 import torch
+
+Scores = Union[torch.Tensor, np.ndarray]
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "i2t_map",
                "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "t2i_map", "rsum")
 
 
-def _as_tensor(scores) -> torch.Tensor:
+def _as_tensor(scores: Scores) -> torch.Tensor:
     if isinstance(scores, np.ndarray):
         scores = torch.from_numpy(scores)
     if not isinstance(scores, torch.Tensor):
@@ -50,8 +54,9 @@ def _summary(prefix: str, ranks: torch.Tensor, ap: torch.Tensor) -> dict:
     return out
 
 
-def retrieval_metrics(scores, captions_per_image: int = 5, caption_image_ids=None,
-                      block: int = 1024) -> dict:
+def retrieval_metrics(scores: Scores, captions_per_image: int = 5,
+                      caption_image_ids: Optional[Union[torch.Tensor, np.ndarray, Sequence[int]]] = None,
+                      block: int = 1024) -> dict[str, float]:
     """R@1/5/10, medr, meanr and mAP in both directions, and rsum (``docs/math.md``, section 3).
 
     Args:
@@ -98,7 +103,7 @@ def retrieval_metrics(scores, captions_per_image: int = 5, caption_image_ids=Non
     return {k: out[k] for k in METRIC_KEYS}
 
 
-def coco_1k_5fold(scores, captions_per_image: int = 5, folds: int = 5) -> dict:
+def coco_1k_5fold(scores: Scores, captions_per_image: int = 5, folds: int = 5) -> dict[str, Any]:
     """COCO's 1K protocol: the mean of :func:`retrieval_metrics` over ``folds`` disjoint blocks.
 
     ``scores`` is the full (5000, 25000) matrix of the 5K test set; fold f takes images

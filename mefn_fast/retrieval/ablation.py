@@ -24,14 +24,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-VARIANTS = (
-    ("MEFN (full)", dict(mfe=True, use_local=True, use_global=True)),
-    ("w/o MFE", dict(mfe=False, use_local=True, use_global=True)),
-    ("w/o local attention", dict(mfe=True, use_local=False, use_global=True)),
-    ("w/o global attention", dict(mfe=True, use_local=True, use_global=False)),
-    ("SCAN (w/o global, w/o MFE)", dict(mfe=False, use_local=True, use_global=False)),
-    ("VSE++ (global only)", dict(mfe=True, use_local=False, use_global=True)),
-)
+from ..model import VARIANTS as MODEL_VARIANTS
+
+VARIANTS = tuple(MODEL_VARIANTS.values())  # (row label, switches), the rows of mefn_fast.create_model
 TABLE_METRICS = (("i2t R@1", "i2t_r1"), ("i2t R@5", "i2t_r5"), ("i2t mAP", "i2t_map"),
                  ("t2i R@1", "t2i_r1"), ("t2i R@5", "t2i_r5"), ("t2i mAP", "t2i_map"), ("rsum", "rsum"))
 

@@ -79,17 +79,15 @@ def encode_images(model: MEFN, dataset: CaptionDataset, *, batch_size: int = 128
     mine = _my_batches(dataset.n_images, batch_size, d)
     loader = DataLoader(ImageView(dataset), batch_sampler=[list(range(lo, hi)) for lo, hi in mine],
                         num_workers=workers, collate_fn=pad_images, generator=torch.Generator())
-    regions, lengths, globals_ = [], [], []
+    parts = []
     total = sum(hi - lo for lo, hi in mine)
     with progress_bar(progress and (d is None or d.context().is_main), total=total, desc="encode images", unit="img") as bar:
         for images, region_lengths in loader:
             with autocast(device, amp):
                 e = model.encode_images(images.to(device), None if region_lengths is None else region_lengths.to(device))
-            regions.append(e.regions.float())
-            lengths.append(e.lengths)
-            globals_.append(e.global_.float())
+            parts.append(e.to(torch.float32))
             bar.update(images.shape[0])
-    return ImageEmbeddings(*_concat_embeddings(regions, lengths, globals_, model.embed_dim, device, d))
+    return _concat_embeddings(ImageEmbeddings, parts, model.embed_dim, device, d)
 
 
 @torch.no_grad()
@@ -101,7 +99,7 @@ def encode_captions(model: MEFN, captions, tokenizer, *, batch_size: int = 256, 
     device = device or next(model.parameters()).device
     d = _dist(distributed)
     mine = _my_batches(len(captions), batch_size, d)
-    words, lengths, cls = [], [], []
+    parts = []
     total = sum(hi - lo for lo, hi in mine)
     with progress_bar(progress and (d is None or d.context().is_main), total=total, desc="encode captions",
                unit="cap") as bar:
@@ -110,21 +108,17 @@ def encode_captions(model: MEFN, captions, tokenizer, *, batch_size: int = 256, 
             with autocast(device, amp):
                 e = model.encode_texts(tok["input_ids"].to(device), tok["attention_mask"].to(device),
                                        tok["special_tokens_mask"].to(device))
-            words.append(e.words.float())
-            lengths.append(e.lengths)
-            cls.append(e.cls.float())
+            parts.append(e.to(torch.float32))
             bar.update(hi - lo)
-    return TextEmbeddings(*_concat_embeddings(words, lengths, cls, model.embed_dim, device, d))
+    return _concat_embeddings(TextEmbeddings, parts, model.embed_dim, device, d)
 
 
-def _concat_embeddings(seqs: list, lengths: list, vecs: list, dim: int, device, d) -> tuple:
-    """One rank's batches (sequences padded to the longest), gathered over the ranks when ``d``."""
-    if not seqs:  # a rank with no batch
-        seqs, lengths = [torch.zeros(0, 1, dim, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
-        vecs = [torch.zeros(0, dim, device=device)]
-    n = max(x.shape[1] for x in seqs)
-    seqs = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1])) for x in seqs])
-    return _gather_embeddings((seqs, torch.cat(lengths), torch.cat(vecs)), d)
+def _concat_embeddings(cls, parts: list, dim: int, device, d):
+    """One rank's batches joined (``cls.cat``: padded to the widest), gathered over the ranks when ``d``."""
+    if not parts:  # a rank with no batch
+        parts = [cls(torch.zeros(0, 1, dim, device=device), torch.zeros(0, dtype=torch.int64, device=device),
+                     torch.zeros(0, dim, device=device))]
+    return cls(*_gather_embeddings(tuple(cls.cat(parts)), d))
 
 
 def _my_rows(n_img: int, image_chunk: int, d) -> tuple:
@@ -140,9 +134,10 @@ def _my_rows(n_img: int, image_chunk: int, d) -> tuple:
 def score_matrix(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, *, image_chunk: int = 128,
                  caption_chunk: int = 640, amp: str = "auto", progress: bool = False,
                  distributed: Optional[bool] = None) -> torch.Tensor:
-    """The (n_images, n_captions) float32 score matrix on the CPU, one block at a time.
+    """The (n_images, n_captions) float32 score matrix on the CPU, one block at a time
+    (:meth:`MEFN.score_blocks`, under ``amp``, with a progress bar).
 
-    Each caption chunk keeps only as many word slots as its longest caption needs; padding never
+    Each block keeps only as many region and word slots as its longest item needs; padding never
     changes a score, so the result does not depend on the chunk sizes. ``distributed`` (default:
     whenever a process group of several ranks exists): the ``image_chunk`` row blocks are dealt
     out to the ranks and the rows all-gathered; every rank returns the whole matrix.
@@ -153,7 +148,7 @@ def score_matrix(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, *, imag
     if d is not None:
         lo, hi = _my_rows(img.regions.shape[0], image_chunk, d)
         if hi > lo:
-            mine = score_matrix(model, ImageEmbeddings(img.regions[lo:hi], img.lengths[lo:hi], img.global_[lo:hi]),
+            mine = score_matrix(model, img.rows(slice(lo, hi)),
                                 txt, image_chunk=image_chunk, caption_chunk=caption_chunk, amp=amp,
                                 progress=progress and d.context().is_main, distributed=False)
         else:
@@ -164,20 +159,10 @@ def score_matrix(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, *, imag
     out = torch.empty(n_img, n_cap, dtype=torch.float32)
     device = img.regions.device
     blocks = -(-n_img // image_chunk) * -(-n_cap // caption_chunk)
-    with progress_bar(progress, total=blocks, desc="score", unit="block") as bar:
-        for c0 in range(0, n_cap, caption_chunk):
-            c1 = min(c0 + caption_chunk, n_cap)
-            lens = txt.lengths[c0:c1]
-            m = int(lens.max())
-            t = TextEmbeddings(txt.words[c0:c1, :m], lens, txt.cls[c0:c1])
-            for i0 in range(0, n_img, image_chunk):
-                i1 = min(i0 + image_chunk, n_img)
-                rl = img.lengths[i0:i1]
-                n = int(rl.max())
-                im = ImageEmbeddings(img.regions[i0:i1, :n], rl, img.global_[i0:i1])
-                with autocast(device, amp):
-                    out[i0:i1, c0:c1] = model.similarity(im, t).float().cpu()
-                bar.update(1)
+    with progress_bar(progress, total=blocks, desc="score", unit="block") as bar, autocast(device, amp):
+        for (rows, cols), scores in model.score_blocks(img, txt, image_chunk=image_chunk, caption_chunk=caption_chunk):
+            out[rows, cols] = scores.float().cpu()
+            bar.update(1)
     return out
 
 
@@ -252,17 +237,13 @@ def evaluate_split(model: MEFN, dataset: CaptionDataset, tokenizer, *, batch_siz
 
 # ------------------------------------------------------------------------------- top-k at scale
 def _block_scorer(model: MEFN, img: ImageEmbeddings, txt: TextEmbeddings, amp: str):
-    """``(i0, i1, t0, t1) -> scores`` of one block, sliced as :func:`score_matrix` slices it."""
+    """``(i0, i1, t0, t1) -> scores`` of one block (:meth:`MEFN.score_block`), as :func:`score_matrix` scores it."""
     device = img.regions.device
 
     @torch.no_grad()
     def block(i0: int, i1: int, t0: int, t1: int) -> torch.Tensor:
-        lens = txt.lengths[t0:t1]
-        t = TextEmbeddings(txt.words[t0:t1, :int(lens.max())], lens, txt.cls[t0:t1])
-        rl = img.lengths[i0:i1]
-        im = ImageEmbeddings(img.regions[i0:i1, :int(rl.max())], rl, img.global_[i0:i1])
         with autocast(device, amp):
-            return model.similarity(im, t).float().cpu()
+            return model.score_block(img, txt, slice(i0, i1), slice(t0, t1)).float().cpu()
 
     return block
 

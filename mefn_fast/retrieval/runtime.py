@@ -35,7 +35,16 @@ def amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"``: the first CUDA GPU when one is visible, else the CPU; otherwise ``torch.device(device)``."""
+    """``"auto"``: the first CUDA GPU when one is visible, else the CPU; otherwise ``torch.device(device)``.
+
+    A malformed name, or a CUDA device that is not there, is a ``ValueError`` naming ``device``.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device name ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r}: {torch.cuda.device_count()} CUDA devices are visible")
+    return dev

@@ -20,7 +20,6 @@ batches without replaying the data loader.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -36,8 +35,9 @@ from ..model import MEFN
 from ..model.losses import TripletLoss
 from ..model.text import load_tokenizer, resolve_text_encoder, tiny_text_config
 from . import distributed as dist_
-from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, atomic_save, checkpoint_path, load_checkpoint,
-                         model_from_checkpoint, rng_state, set_rng_state)
+from .checkpoint import (CHECKPOINT_FORMAT, TOKENIZER_DIR, TRAIN_STATE_NAME, atomic_save, atomic_write_json,
+                         checkpoint_path, error_summary, load_checkpoint, model_from_checkpoint, rng_state,
+                         set_rng_state)
 from .data.datasets import CaptionDataset, PairCollate, open_dataset, timm_transform
 from .evaluate import evaluate_split
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device
@@ -144,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0; got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1; got {self.threads}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0; got {self.workers}")
         if self.image_encoder == "timm" and not self.timm_model:
             raise ValueError("image_encoder 'timm' needs timm_model")
 
@@ -269,7 +273,7 @@ class Trainer:
         cfg = self.cfg
         train_set = _open_data(cfg, cfg.train_split, train=True) if cfg.image_encoder == "precomp" else None
         if ckpt is not None:
-            model = model_from_checkpoint(ckpt)
+            model = model_from_checkpoint(ckpt, ckpt_path)
             tok_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), TOKENIZER_DIR)
             tokenizer = load_tokenizer(cfg.tokenizer or tok_dir)
         else:  # timm (no train_set yet): the transform follows the backbone
@@ -311,6 +315,12 @@ class Trainer:
 
     def _restore(self, ckpt: dict, path: str) -> None:
         """The optimisation state, position and RNG streams of a checkpoint (the model came with it)."""
+        try:
+            self._restore_state(ckpt, path)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{path}: damaged training state, cannot resume from it ({error_summary(e)})") from e
+
+    def _restore_state(self, ckpt: dict, path: str) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -438,9 +448,8 @@ class Trainer:
         if is_best and self.ctx.is_main:
             best_dir = os.path.join(self.cfg.out, "best")
             self.save_model(best_dir)
-            with open(os.path.join(best_dir, "train_state.json"), "w") as f:
-                json.dump({"epoch": entry["epoch"], "step": self.step_count, "dev": m,
-                           "train_config": dataclasses.asdict(self.cfg)}, f, indent=1)
+            atomic_write_json({"epoch": entry["epoch"], "step": self.step_count, "dev": m,
+                               "train_config": dataclasses.asdict(self.cfg)}, os.path.join(best_dir, TRAIN_STATE_NAME))
         self.log(f"epoch {entry['epoch']}: loss {entry['loss']:.3f}, {entry['pairs_per_s']:.0f} pairs/s, dev rsum "
                  f"{m['rsum']:.1f} (R@1 i2t {m['i2t_r1']:.1f}, t2i {m['t2i_r1']:.1f}){'  *best*' if is_best else ''}")
 
@@ -465,8 +474,7 @@ class Trainer:
                      "history": self.history, "partial_epoch": partial, "train_config": dataclasses.asdict(self.cfg),
                      "world_size": self.world, "rng_ranks": rng_ranks},
                     os.path.join(self.cfg.out, "last.pt"))
-        with open(os.path.join(self.cfg.out, "history.json"), "w") as f:
-            json.dump(self.history, f, indent=1)
+        atomic_write_json(self.history, os.path.join(self.cfg.out, "history.json"))
 
     def _log_start(self) -> None:
         cfg, ctx = self.cfg, self.ctx
