@@ -60,9 +60,9 @@ void logits_softmax(const Panel<T>& P, int64_t q0, int64_t q1, T* fac) {
       T* Lr = L + r * j.ldl;
       T* rr = rho + r * j.nq;
       for (int64_t q = q0; q < q1; ++q) rr[q] = segment_sumsq<V, T>(Sr + q * j.w, j.q_len[q]);
-      for (int64_t q = q0; q < q1; ++q) fac[q] = clip_factor(rr[q] = std::sqrt(rr[q]), j.p.lambda);
+      for (int64_t q = q0; q < q1; ++q) fac[q] = clip_factor(rr[q] = std::sqrt(rr[q]));
       for (int64_t q = q0; q < q1; ++q)
-        segment_scale<V, T>(Sr + q * j.w, Lr + q * j.w, j.q_len[q], j.w, fac[q], (j.nq - q) * j.w);
+        segment_scale<V, T>(Sr + q * j.w, Lr + q * j.w, j.q_len[q], j.w, fac[q], j.p.lambda, (j.nq - q) * j.w);
       if (r == 0) {
         std::copy(Lr + k0, Lr + k1, mx + k0);
       } else {

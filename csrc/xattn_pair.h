@@ -344,8 +344,9 @@ MEFN_HOST_DEVICE V leaky(V s) { return m_max(s, s * T(kLeakySlope)); }
 // clipped_l2norm for one context row of one query item (m valid of w columns), in two steps so
 // that a device can batch the square roots and divisions of a row's items:
 //   segment_sumsq: sum_k leaky(S_k)^2 over the m valid columns, = rho^2;
-//   clip_factor:   c = lambda / (rho + 1e-8);
-//   segment_scale: the logits L_k = c leaky(S_k), 0 on the padded columns.
+//   clip_factor:   c = 1 / (rho + 1e-8);
+//   segment_scale: the logits L_k = lambda (c leaky(S_k)), 0 on the padded columns (E = c leaky(S)
+//                  first, |E| <= 1, so that L stays finite for any finite lambda).
 // With SIMD lanes (W > 1) they read up to W - 1 entries past S[w) (the caller's buffers have that
 // slack, kTileSlack), and segment_scale may write whole vectors up to `room` entries from L
 // (the rest of the row: the next items' calls overwrite what spills into them), lane by lane past it.
@@ -361,13 +362,13 @@ MEFN_HOST_DEVICE T segment_sumsq(const T* S, int64_t m) {
 }
 
 template <typename T>
-MEFN_HOST_DEVICE T clip_factor(T rho, T lam) { return lam / (rho + T(kClipEps)); }
+MEFN_HOST_DEVICE T clip_factor(T rho) { return T(1) / (rho + T(kClipEps)); }
 
 template <typename V, typename T>
-MEFN_HOST_DEVICE void segment_scale(const T* S, T* L, int64_t m, int64_t w, T c, int64_t room) {
+MEFN_HOST_DEVICE void segment_scale(const T* S, T* L, int64_t m, int64_t w, T c, T lam, int64_t room) {
   using Ln = Lanes<V>;
   for (int64_t k = 0; k < w; k += Ln::W) {
-    const V x = lanes_below(leaky<V, T>(Ln::load(S + k)), k, m) * c;
+    const V x = (lanes_below(leaky<V, T>(Ln::load(S + k)), k, m) * c) * lam;
     if (k + Ln::W <= room) Ln::store(L + k, x);
     else lanes_store_first(L + k, x, w - k);
   }

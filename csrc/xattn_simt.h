@@ -32,7 +32,7 @@ struct ClipRows {
     const float rho = m_sqrt(segment_sumsq<float, float>(j.S + row * j.lds + q * j.w, j.q_len[q]));
     j.rho[row * j.nq + q] = rho;
     segment_scale<float, float>(j.S + row * j.lds + q * j.w, j.L + row * j.ldl + q * j.w, j.q_len[q], j.w,
-                                clip_factor(rho, j.p.lambda), j.w);
+                                clip_factor(rho), j.p.lambda, j.w);
   }
 };
 
