@@ -21,14 +21,22 @@ namespace simt {
 
 using Job = EpilogueJob<float>;
 
+// Work item i of the clipped_l2norm functions: query item q and context row `row` of the tile;
+// false on the padding rows of a context item.
+MEFN_HOST_DEVICE bool clip_item(const Job& j, int64_t i, int64_t& q, int64_t& row) {
+  q = i % j.nq;
+  const int64_t cr = i / j.nq, c = cr / j.n_pad, r = cr % j.n_pad;
+  row = c * j.n_pad + r;
+  return r < j.c_len[c];
+}
+
 // clipped_l2norm logits of one context row of one query item (forward and the backward's recompute)
 struct ClipRows {
   Job j;
   MEFN_HOST_DEVICE int64_t size() const { return j.nc * j.n_pad * j.nq; }
   MEFN_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t q = i % j.nq, cr = i / j.nq, c = cr / j.n_pad, r = cr % j.n_pad;
-    if (r >= j.c_len[c]) return;
-    const int64_t row = c * j.n_pad + r;
+    int64_t q, row;
+    if (!clip_item(j, i, q, row)) return;
     const float rho = m_sqrt(segment_sumsq<float, float>(j.S + row * j.lds + q * j.w, j.q_len[q]));
     j.rho[row * j.nq + q] = rho;
     segment_scale<float, float>(j.S + row * j.lds + q * j.w, j.L + row * j.ldl + q * j.w, j.q_len[q], j.w,
@@ -101,9 +109,8 @@ struct ClipBackwardRows {
   Job j;
   MEFN_HOST_DEVICE int64_t size() const { return j.nc * j.n_pad * j.nq; }
   MEFN_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t q = i % j.nq, cr = i / j.nq, c = cr / j.n_pad, r = cr % j.n_pad;
-    if (r >= j.c_len[c]) return;
-    const int64_t row = c * j.n_pad + r;
+    int64_t q, row;
+    if (!clip_item(j, i, q, row)) return;
     segment_clip_backward<float, float>(j.S + row * j.lds + q * j.w, j.dE + row * j.ldde + q * j.w,
                                         j.rho[row * j.nq + q], j.q_len[q], j.dS + row * j.ldds + q * j.w, j.w);
   }
