@@ -16,8 +16,8 @@
 // direction the epilogue moves about 44 B through memory (cuBLAS writes S 4; ClipRows reads S,
 // writes L 8; SoftmaxColumns reads L twice and S, writes E 16; bmm reads E, writes G E 8;
 // AttendColumns reads both 8) against 2d FLOPs of the tile GEMM; G E adds 2n FLOPs per entry on
-// float32 cores (n = 36: 72). A block pair is 2048 x 4096 entries (32 MiB per float32 tile, beyond
-// L2 with three of them), so the traffic goes to HBM (about 4 TB/s reached of 4.8):
+// float32 cores (n = 36: 72). A block pair is up to 4096 x 8192 entries (128 MiB per float32 tile,
+// beyond the 50 MB of L2), so the traffic goes to HBM (about 4 TB/s reached of 4.8):
 //   eval-f30k-gpu fp16 (36000 x ~100000 valid entries, d = 1024): floor 7.4 TFLOP at about
 //     700 TFLOP/s = 10.5 ms; epilogue 3.6e9 x 44 B = 158 GB = 40 ms; G E 0.26 TFLOP at about
 //     50 TFLOP/s = 5 ms; about 5.3x the packed floor.
@@ -26,6 +26,7 @@
 //   train-gpu bf16 (4608 x ~2560, both directions, forward + backward, tiles saved): floor
 //     3 x 24 GFLOP = 0.1 ms at full speed, but this size is launch-bound (about 40 launches of a
 //     few microseconds): about 1 ms, 8-10x.
+// Against the targets (1.5x, 1.5x, 2x of the packed floor) all three are estimated to miss.
 // Closing the gap needs a fused epilogue that reads each tile entry once (one thread per column
 // keeping its n context rows in registers, G in shared memory), which cuts the traffic to 8 B per
 // entry and the launches to two per block pair: about 1.6-2x for the eval workloads.
