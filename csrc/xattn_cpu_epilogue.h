@@ -260,40 +260,33 @@ void unpack_rows(const T* x, int64_t d, const int64_t* src_row, int64_t q0, int6
 // In-register transposes of a square of lanes (16 x 16 floats, 8 x 8 doubles): log2(W) stages,
 // each swapping the off-diagonal half-blocks of every pair of rows (two shuffles per pair).
 #define MEFN_UNPAREN(...) __VA_ARGS__
-inline void transpose_lanes(vfloat* r) {
-#define MEFN_T(b, LO, HI)                                        \
-  for (int i = 0; i < 16; ++i) {                                 \
+// one stage: rows i and i + b (i without bit b) of the W x W square of lanes of type V
+#define MEFN_T(V, W, b, LO, HI)                                  \
+  for (int i = 0; i < W; ++i) {                                  \
     if (i & b) continue;                                         \
-    const vfloat a = r[i], c = r[i + b];                         \
-    r[i] = __builtin_shufflevector(a, c, MEFN_UNPAREN LO);                    \
-    r[i + b] = __builtin_shufflevector(a, c, MEFN_UNPAREN HI);                \
+    const V a = r[i], c = r[i + b];                              \
+    r[i] = __builtin_shufflevector(a, c, MEFN_UNPAREN LO);       \
+    r[i + b] = __builtin_shufflevector(a, c, MEFN_UNPAREN HI);   \
   }
-  MEFN_T(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
-         (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-  MEFN_T(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
-         (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
-  MEFN_T(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
-         (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
-  MEFN_T(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
-         (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
-#undef MEFN_T
+inline void transpose_lanes(vfloat* r) {
+  MEFN_T(vfloat, 16, 8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                        (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  MEFN_T(vfloat, 16, 4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                        (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  MEFN_T(vfloat, 16, 2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                        (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  MEFN_T(vfloat, 16, 1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                        (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
 }
 inline void transpose_lanes(vdouble* r) {
-#define MEFN_T(b, LO, HI)                                        \
-  for (int i = 0; i < 8; ++i) {                                  \
-    if (i & b) continue;                                         \
-    const vdouble a = r[i], c = r[i + b];                        \
-    r[i] = __builtin_shufflevector(a, c, MEFN_UNPAREN LO);                    \
-    r[i + b] = __builtin_shufflevector(a, c, MEFN_UNPAREN HI);                \
-  }
-  MEFN_T(4, (0, 1, 2, 3, 8, 9, 10, 11),
-         (4, 5, 6, 7, 12, 13, 14, 15))
-  MEFN_T(2, (0, 1, 8, 9, 4, 5, 12, 13),
-         (2, 3, 10, 11, 6, 7, 14, 15))
-  MEFN_T(1, (0, 8, 2, 10, 4, 12, 6, 14),
-         (1, 9, 3, 11, 5, 13, 7, 15))
-#undef MEFN_T
+  MEFN_T(vdouble, 8, 4, (0, 1, 2, 3, 8, 9, 10, 11),
+                        (4, 5, 6, 7, 12, 13, 14, 15))
+  MEFN_T(vdouble, 8, 2, (0, 1, 8, 9, 4, 5, 12, 13),
+                        (2, 3, 10, 11, 6, 7, 14, 15))
+  MEFN_T(vdouble, 8, 1, (0, 8, 2, 10, 4, 12, 6, 14),
+                        (1, 9, 3, 11, 5, 13, 7, 15))
 }
+#undef MEFN_T
 #undef MEFN_UNPAREN
 
 // dst (cols x rows, row stride ldd) = (or +=) src (rows x cols, row stride lds) transposed: squares
