@@ -77,6 +77,34 @@ inline void check_feature_pair(const at::Tensor& regions, const at::Tensor& word
               ") and words (", words.scalar_type(), ") must have the same dtype");
 }
 
+// The lengths as int64 on the host (one device-to-host copy for GPU lengths), each checked to lie
+// in [1, max_len].
+inline at::Tensor host_lengths(const at::Tensor& lengths, const char* name, int64_t batch, int64_t max_len) {
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, "xattn_similarity: ", name, " must have shape (", batch,
+              ",); got ", lengths.sizes());
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) && !at::isComplexType(lengths.scalar_type()) &&
+                  lengths.scalar_type() != at::kBool,
+              "xattn_similarity: ", name, " must have an integer dtype; got ", lengths.scalar_type());
+  at::Tensor l = lengths.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = l.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch; ++i) {
+    TORCH_CHECK(p[i] >= 1 && p[i] <= max_len, "xattn_similarity: ", name, " must lie in [1, ", max_len, "]; got ", p[i],
+                " at index ", i);
+  }
+  return l;
+}
+
+// Bytes of tiles a call may hold at once by default (the forward's saved tiles, the backward's
+// super-blocks); the _saved ops take it as an argument (mefn_fast/backends/ext_ops.py).
+constexpr int64_t kDefaultTileBudget = int64_t(256) << 20;
+
+// The saved tiles of xattn_similarity_fwd_saved: empty, or numel values of the compute type.
+inline void check_saved(const at::Tensor& saved, int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(saved.numel() == 0 || (saved.dim() == 1 && saved.numel() == numel && saved.scalar_type() == dtype),
+              "xattn_similarity_bwd_saved: saved must be the tensor xattn_similarity_fwd_saved returned for these "
+              "inputs and options (", numel, " values of ", dtype, "); got ", saved.sizes(), " of ", saved.scalar_type());
+}
+
 // The backward's upstream gradient has the scores' shape (B_img, B_txt).
 inline void check_grad_scores_shape(const at::Tensor& grad_scores, const at::Tensor& regions, const at::Tensor& words) {
   TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == regions.size(0) && grad_scores.size(1) == words.size(0),

@@ -1,24 +1,33 @@
-// The cross-attention similarity (``docs/math.md``, section 1) as torch.library ops, with CPU kernels.
+// The cross-attention similarity (docs/math.md, section 1) as torch.library ops, with CPU kernels.
 //
 //   mefn_fast::xattn_similarity_fwd(regions, region_lengths, words, word_lengths, <options>)
 //       -> scores (B_img, B_txt)
 //   mefn_fast::xattn_similarity_bwd(grad_scores, regions, region_lengths, words, word_lengths,
 //       <options>, need_grad_regions, need_grad_words) -> (grad_regions, grad_words)
+//   mefn_fast::xattn_similarity_fwd_saved(<the forward's arguments>, budget) -> (scores, saved)
+//   mefn_fast::xattn_similarity_bwd_saved(grad_scores, <inputs>, saved, <options>, budget,
+//       need_grad_regions, need_grad_words) -> (grad_regions, grad_words)
 //
-// Autograd and fake (meta) kernels are attached in Python (mefn_fast/backends/ext_ops.py); the CUDA kernels
-// of csrc/cuda/ register for the CUDA key against the schemas declared here.
+// The _saved pair is the training path (mefn_fast/backends/ext_ops.py takes it under autograd):
+// when the tiles of the whole batch fit `budget` bytes, the forward returns them and the backward
+// starts from them; otherwise `saved` is empty and the backward recomputes them, one super-block
+// of at most `budget` bytes at a time. Autograd and fake kernels are attached in Python; the CUDA
+// kernels of csrc/cuda/ register for the CUDA key against the schemas declared here.
 //
-// CPU algorithm. Images are cut into blocks of bi images and captions into blocks of bt
-// captions (sizes depend on the shapes only, never on the thread count). For one block pair,
-// the normalised rows of both blocks are copied into thread-local buffers (padded rows zero),
-// the cosine tile (bi*N x bt*M) is one at::mm, and the per-pair epilogue of xattn_pair.h runs on
-// each image x caption sub-tile while it is in cache; "both" uses the same tile for both
-// directions. Gram matrices of the contexts (N x N per image, M x M per caption) are computed
-// once per call. The backward recomputes the tiles (nothing is saved by the forward): pass 1 is
-// parallel over image blocks, each owning its rows of grad_regions and visiting every caption
-// block in order (dR^ += dS W^); pass 2 is parallel over caption blocks (dW^ += dS^T R^). Each
-// output element is therefore reduced by one owner in a fixed order: bitwise identical results
-// for any number of threads. Extra memory: O(threads * block tiles + B_img N^2 + B_txt M^2).
+// Algorithm: the blocked algorithm of xattn_blocked.h (shared with the CUDA op), with this file's
+// CpuDev: MKL (through at::mm / at::bmm) for every product, called inside at::parallel_for so
+// that each GEMM runs on one thread and its result does not depend on the thread count; tasks
+// handed out dynamically to the threads (each task owns its outputs, so the order does not
+// matter); and the elementwise epilogue of xattn_pair.h in csrc/xattn_cpu_epilogue.h on 16-float
+// SIMD strips, compiled three times (generic x86-64, AVX2+FMA, AVX-512) and picked at run time.
+// Block caps (rows of a packed block): 256 image rows and 512 caption rows, at most an eighth of
+// a side's valid rows but at least 64 (so that the backward's passes have parallel work, and a
+// small batch is not cut into tiny blocks); a block costs 8 rows. A forward task multiplies a
+// caption block by a run of image blocks of at most 2^22 tile entries (16 MiB of float32): the
+// taller the GEMM, the less MKL repacks the caption block (measured: a 4608 x 512 x 1024 product
+// takes 0.92 of the time of the one product of all rows, a 1152-row one 1.03).
+// Measured on this project's 2-core AVX-512 machine (one interleaved run, ratios to the packed
+// floor, see README "Benchmarks"): the figures are in the README's cpu section.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -26,28 +35,46 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <utility>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "xattn_blocked.h"
 #include "xattn_host.h"
 #include "xattn_pair.h"
+#include "xattn_cpu_epilogue.h"
 
-// The per-pair math once more for AVX2+FMA, in namespace mefn::avx2::mefn, chosen at run time
-// when the CPU has it (the package is built without -march flags, so the default copy is SSE2).
-// Only the header's math functions are compiled under the target pragma, in their own
-// namespace: no inline function shared with the default build gets AVX2 code.
+// The epilogue once more for AVX2+FMA and once for AVX-512, each in its own namespace
+// (mefn::avx2::mefn, mefn::avx512::mefn), chosen at run time when the CPU has it (the package is
+// built without -march flags, so the default copy is SSE2). Only the header's math and the CPU
+// loops are compiled under the target pragmas: no inline function shared with the default build
+// gets their code.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEFN_NO_ISA_DISPATCH)
-#define MEFN_HAVE_AVX2_PATH 1
+#define MEFN_HAVE_ISA_DISPATCH 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace mefn {
 namespace avx2 {
 #define MEFN_XATTN_PAIR_REINCLUDE
 #include "xattn_pair.h"
+#include "xattn_cpu_epilogue.h"
 #undef MEFN_XATTN_PAIR_REINCLUDE
 }  // namespace avx2
+}  // namespace mefn
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,prefer-vector-width=512")
+namespace mefn {
+namespace avx512 {
+#define MEFN_XATTN_PAIR_REINCLUDE
+#include "xattn_pair.h"
+#include "xattn_cpu_epilogue.h"
+#undef MEFN_XATTN_PAIR_REINCLUDE
+}  // namespace avx512
 }  // namespace mefn
 #pragma GCC pop_options
 #endif
@@ -63,35 +90,231 @@ PyObject* PyInit__C(void) {
 namespace mefn {
 namespace {
 
-// The per-pair kernels of this machine: AVX2+FMA when the CPU has them (and the environment
-// variable MEFN_CPU_ISA is not "generic"), else the default build.
+// The CPU epilogue of one instruction set.
 template <typename T>
-struct PairKernels {
-  decltype(&pair_forward<T>) forward;
-  decltype(&pair_backward<T>) backward;
+struct CpuKernels {
+  void (*fwd_softmax)(const EpilogueJob<T>&);
+  void (*fwd_attend_score)(const EpilogueJob<T>&);
+  void (*bwd_epilogue)(const EpilogueJob<T>&);
+  void (*pack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, T*, double*);
+  void (*unpack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, const T*, const double*, T*);
+  void (*transpose)(T*, int64_t, const T*, int64_t, int64_t, int64_t, bool);
 };
 
-inline bool use_avx2() {
-#ifdef MEFN_HAVE_AVX2_PATH
-  static const bool yes = [] {
-    const char* env = std::getenv("MEFN_CPU_ISA");
-    if (env != nullptr && std::string(env) == "generic") return false;
+#define MEFN_CPU_KERNELS(NS)                                                                             \
+  CpuKernels<T> {                                                                                       \
+    &NS::cpu::fwd_softmax<T>, &NS::cpu::fwd_attend_score<T>, &NS::cpu::bwd_epilogue<T>,                 \
+        &NS::cpu::pack_rows<T>, &NS::cpu::unpack_rows<T>, &NS::cpu::transpose<T>                        \
+  }
+
+// The instruction set of this machine's epilogue: AVX-512 or AVX2+FMA when the CPU has them,
+// unless MEFN_CPU_ISA names another ("generic", "avx2", "avx512").
+std::string cpu_isa() {
+#ifdef MEFN_HAVE_ISA_DISPATCH
+  static const std::string isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    const char* env = std::getenv("MEFN_CPU_ISA");
+    const std::string want = env != nullptr ? env : "";
+    if (want == "generic") return std::string("generic");
+    if (want == "avx2") return std::string(avx2 ? "avx2" : "generic");
+    return std::string(avx512 ? "avx512" : avx2 ? "avx2" : "generic");
   }();
-  return yes;
+  return isa;
 #else
-  return false;
+  return "generic";
 #endif
 }
 
 template <typename T>
-PairKernels<T> pair_kernels() {
-#ifdef MEFN_HAVE_AVX2_PATH
-  if (use_avx2()) return {&avx2::mefn::pair_forward<T>, &avx2::mefn::pair_backward<T>};
+CpuKernels<T> cpu_kernels() {
+#ifdef MEFN_HAVE_ISA_DISPATCH
+  const std::string isa = cpu_isa();
+  if (isa == "avx512") return MEFN_CPU_KERNELS(avx512::mefn);
+  if (isa == "avx2") return MEFN_CPU_KERNELS(avx2::mefn);
 #endif
-  return {&pair_forward<T>, &pair_backward<T>};
+  return MEFN_CPU_KERNELS(mefn);
 }
+
+// Freed big buffers, kept for the next call: glibc returns allocations above its mmap threshold
+// (at most 32 MiB) to the kernel when they are freed, and every fresh page then costs a fault and
+// a zeroing on first touch (measured: about an eighth of a training step's time). A buffer goes
+// back here when its last tensor dies (for the saved tiles, when autograd frees them); a request
+// takes the smallest cached buffer that fits and is at most twice as large. At most kMaxBuffers
+// buffers and kMaxBytes bytes are kept.
+class BufferCache {
+ public:
+  static at::Tensor empty(int64_t numel, const at::TensorOptions& opts) { return instance().get(numel, opts); }
+
+ private:
+  static constexpr size_t kMaxBuffers = 16;
+  static constexpr size_t kMaxBytes = size_t(1) << 30;
+  static constexpr size_t kSmall = size_t(1) << 20;  // below this, malloc reuses memory well
+
+  static BufferCache& instance() {
+    static BufferCache* cache = new BufferCache();  // never destroyed: tensors may outlive static destruction
+    return *cache;
+  }
+  at::Tensor get(int64_t numel, const at::TensorOptions& opts) {
+    const size_t bytes = size_t(std::max<int64_t>(numel, 1)) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+    if (bytes < kSmall) return at::empty({numel}, opts);
+    void* ptr = nullptr;
+    size_t cap = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].first >= bytes && free_[i].first <= 2 * bytes && (best == free_.size() || free_[i].first < free_[best].first))
+          best = i;
+      if (best < free_.size()) {
+        cap = free_[best].first;
+        ptr = free_[best].second;
+        held_ -= cap;
+        free_.erase(free_.begin() + best);
+      }
+    }
+    if (ptr == nullptr) {
+      cap = (bytes + 4095) / 4096 * 4096;
+      ptr = std::aligned_alloc(4096, cap);
+      TORCH_CHECK(ptr != nullptr, "xattn_similarity (CPU kernel): out of memory allocating ", cap, " bytes");
+    }
+    return at::from_blob(ptr, {numel}, [cap](void* p) { instance().put(p, cap); }, opts);
+  }
+  void put(void* p, size_t cap) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_.size() < kMaxBuffers && held_ + cap <= kMaxBytes) {
+        free_.push_back({cap, p});
+        held_ += cap;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t held_ = 0;
+};
+
+// A CPU tensor over a host vector (no copy; the vector outlives the tensor's use).
+at::Tensor host_tensor(const std::vector<int64_t>& v) {
+  return at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::TensorOptions().dtype(at::kLong));
+}
+
+// The device of the blocked algorithm for CPU tensors of float T (xattn_blocked.h).
+template <typename T>
+struct CpuDev {
+  CpuKernels<T> k = cpu_kernels<T>();
+
+  at::ScalarType gemm_dtype(at::ScalarType in) const { return in; }
+  int64_t block_cap(bool images, int64_t valid_rows, int64_t longest) const {
+    const int64_t cap = images ? 256 : 512;
+    return std::max(longest, std::min(cap, std::max<int64_t>(64, (valid_rows + 7) / 8)));
+  }
+  int64_t block_cost() const { return 8; }
+  int64_t max_panel_entries() const { return int64_t(1) << 22; }
+  SideMeta side_meta(const SidePlan& p) const { return {host_tensor(p.len), host_tensor(p.order), host_tensor(p.src_row)}; }
+
+  // Tasks [0, n) handed out to the threads one at a time; f(task, workspace) with one workspace
+  // per thread. Every product inside runs on one thread (inside an OpenMP region MKL does not
+  // spawn threads of its own), whatever at::get_num_threads() is. A loop of less work than
+  // kSerialWork multiply-adds runs on the calling thread: a parallel region costs more.
+  static constexpr double kSerialWork = double(1 << 22);
+  template <class F>
+  void for_tasks(int64_t n, double work, F&& f) {
+    if (n <= 0) return;
+    if (n == 1 || work < kSerialWork || threads_ == 1) {
+      for (int64_t task = 0; task < n; ++task) f(task, ws_[0]);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    const int64_t threads = std::min<int64_t>(threads_, n);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t task = next++; task < n; task = next++) f(task, ws_[t]);
+      }
+    });
+  }
+  // one workspace per thread for the whole call (buffers are reused from loop to loop)
+  int64_t threads_ = at::get_num_threads();
+  std::vector<Workspace> ws_ = std::vector<Workspace>(threads_, Workspace{&BufferCache::empty, {}});
+  at::Tensor empty(int64_t numel, const at::TensorOptions& opts) const { return BufferCache::empty(numel, opts); }
+
+  void pack(const at::Tensor& x, const SidePlan& p, const SideMeta&, int64_t b0, int64_t b1, at::Tensor& out,
+            at::Tensor* norms) {
+    const int64_t q0 = p.blocks[b0].row0, q1 = p.row_end(b1), d = x.size(2);
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    double* np = norms != nullptr ? norms->data_ptr<double>() : nullptr;
+    at::parallel_for(q0, q1, 64, [&](int64_t a, int64_t b) {
+      k.pack_rows(xp, d, p.src_row.data(), a, b, op + (a - q0) * d, np != nullptr ? np + (a - q0) : nullptr);
+    });
+  }
+
+  // every row of grad (uninitialised): the valid ones from dX, the caller's padding rows 0
+  void unpack_grad(const at::Tensor& x, const SidePlan& p, const SideMeta&, const at::Tensor& dX,
+                   const at::Tensor& norms, at::Tensor& grad) {
+    const int64_t d = x.size(2);
+    const T* xp = x.data_ptr<T>();
+    const T* dp = dX.data_ptr<T>();
+    const double* np = norms.data_ptr<double>();
+    T* gp = grad.data_ptr<T>();
+    at::parallel_for(0, p.rows, 64, [&](int64_t a, int64_t b) {
+      k.unpack_rows(xp, d, p.src_row.data(), a, b, dp + a * d, np + a, gp);
+    });
+    for (int64_t s = 0; s < p.B; ++s) {
+      T* g = gp + (p.order[s] * p.L + p.len[s]) * d;
+      std::fill(g, g + (p.L - p.len[s]) * d, T(0));
+    }
+  }
+
+  // dst (c x r) = (or +=) src (r x c)^T; rows of unit stride
+  void transpose(const at::Tensor& dst, const at::Tensor& src, bool add) {
+    k.transpose(dst.data_ptr<T>(), dst.stride(0), src.data_ptr<T>(), src.stride(0), src.size(0), src.size(1), add);
+  }
+
+  // out = a b^T
+  void mm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor o = out;
+    at::mm_out(o, a, b.t());
+  }
+  // out = a b (batched)
+  void bmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor o = out;
+    at::bmm_out(o, a, b);
+  }
+  // out_i = x_i x_i^T (batched)
+  void gram(const at::Tensor& out, const at::Tensor& x) {
+    at::Tensor o = out;
+    at::bmm_out(o, x, x.transpose(1, 2));
+  }
+  // out += a b^T (batched)
+  void baddbmm_t(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor o = out;
+    o.baddbmm_(a, b.transpose(1, 2));
+  }
+  // out += alpha a b (batched)
+  void baddbmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, T alpha, Workspace&) {
+    at::Tensor o = out;
+    o.baddbmm_(a, b, 1, alpha);
+  }
+  // out (+)= a b, or a^T b
+  void addmm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_a, bool accumulate,
+             Workspace&) {
+    at::Tensor o = out;
+    if (accumulate) o.addmm_(transpose_a ? a.t() : a, b);
+    else at::mm_out(o, transpose_a ? a.t() : a, b);
+  }
+
+  void fwd_softmax(const EpilogueJob<T>& j) { k.fwd_softmax(j); }
+  void fwd_attend_score(const EpilogueJob<T>& j) { k.fwd_attend_score(j); }
+  void bwd_epilogue(const EpilogueJob<T>& j) { k.bwd_epilogue(j); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Input checks
 
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, "xattn_similarity: ", name, " must have shape (batch, length, dim); got ", x.sizes());
@@ -102,432 +325,83 @@ void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.size(2) > 0, "xattn_similarity: ", name, " has feature dimension 0");
 }
 
-at::Tensor check_lengths(const at::Tensor& lengths, const char* name, int64_t batch, int64_t max_len) {
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, "xattn_similarity: ", name, " must have shape (", batch,
-              ",); got ", lengths.sizes());
-  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) && lengths.scalar_type() != at::kBool,
-              "xattn_similarity: ", name, " must have an integer dtype; got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device().is_cpu(), "xattn_similarity (CPU kernel): ", name, " must be a CPU tensor");
-  at::Tensor l = lengths.to(at::kLong).contiguous();
-  const int64_t* p = l.data_ptr<int64_t>();
-  for (int64_t i = 0; i < batch; ++i) {
-    TORCH_CHECK(p[i] >= 1 && p[i] <= max_len, "xattn_similarity: ", name, " must lie in [1, ", max_len, "]; got ", p[i],
-                " at index ", i);
-  }
-  return l;
-}
-
-// Block sizes: about 256 image rows and 512 caption rows per tile, but at least ~8 blocks per
-// side when the batch allows it (so that both passes of the backward have parallel work).
-// Depends on the shapes only.
-struct Blocking {
-  int64_t bi, bt, nI, nT;
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-Blocking choose_blocks(int64_t b_img, int64_t n, int64_t b_txt, int64_t m) {
-  Blocking k;
-  k.bi = std::max<int64_t>(1, std::min(ceil_div(256, n), ceil_div(b_img, 8)));
-  k.bt = std::max<int64_t>(1, std::min(ceil_div(512, m), ceil_div(b_txt, 8)));
-  k.nI = ceil_div(b_img, k.bi);
-  k.nT = ceil_div(b_txt, k.bt);
-  return k;
-}
-
-// Normalised rows of items [b0, b1) of x (B, L, d) into out ((b1-b0)*L, d); padded rows zero.
-template <typename T>
-void normalize_rows(const T* x, const int64_t* lengths, int64_t b0, int64_t b1, int64_t L, int64_t d, T* out) {
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t r = 0; r < L; ++r) {
-      const T* xr = x + (b * L + r) * d;
-      T* o = out + ((b - b0) * L + r) * d;
-      if (r >= lengths[b]) {
-        std::fill(o, o + d, T(0));
-        continue;
-      }
-      double ss = 0;
-      for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
-      const T denom = static_cast<T>(std::max(std::sqrt(ss), kNormEps));
-      for (int64_t j = 0; j < d; ++j) o[j] = xr[j] / denom;
-    }
-  }
-}
-
-// Backward of the normalisation for the rows of items [b0, b1): grad (B, L, d) rows from
-// dxhat (((b1-b0)*L, d), w.r.t. the normalised rows xhat). Padded rows get exactly 0.
-template <typename T>
-void normalize_backward(const T* x, const T* xhat, const T* dxhat, const int64_t* lengths, int64_t b0, int64_t b1,
-                        int64_t L, int64_t d, T* grad) {
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t r = 0; r < L; ++r) {
-      const int64_t row = (b - b0) * L + r;
-      T* gr = grad + (b * L + r) * d;
-      if (r >= lengths[b]) {
-        std::fill(gr, gr + d, T(0));
-        continue;
-      }
-      const T* xr = x + (b * L + r) * d;
-      const T* xh = xhat + row * d;
-      const T* dxh = dxhat + row * d;
-      double ss = 0, dot = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        ss += double(xr[j]) * double(xr[j]);
-        dot += double(xh[j]) * double(dxh[j]);
-      }
-      const double nrm = std::sqrt(ss);
-      if (nrm >= kNormEps) {
-        const T inv = static_cast<T>(1.0 / nrm);
-        const T dt = static_cast<T>(dot);
-        for (int64_t j = 0; j < d; ++j) gr[j] = (dxh[j] - xh[j] * dt) * inv;
-      } else {
-        const T inv = static_cast<T>(1.0 / kNormEps);
-        for (int64_t j = 0; j < d; ++j) gr[j] = dxh[j] * inv;
-      }
-    }
-  }
-}
-
-// A CPU tensor view of a raw buffer (no ownership).
-template <typename T>
-at::Tensor view(T* p, at::IntArrayRef sizes) {
-  return at::from_blob(p, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// Gram matrices G_b = X^_b X^_b^T of every item of x (B, L, d) into G (B, L, L).
-template <typename T>
-void compute_grams(const T* x, const int64_t* lengths, int64_t B, int64_t L, int64_t d, T* G) {
-  const int64_t blk = std::max<int64_t>(1, ceil_div(256, L));
-  at::parallel_for(0, ceil_div(B, blk), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(blk * L * d);
-    for (int64_t ib = begin; ib < end; ++ib) {
-      const int64_t b0 = ib * blk, b1 = std::min(B, b0 + blk);
-      normalize_rows(x, lengths, b0, b1, L, d, buf.data());
-      for (int64_t b = b0; b < b1; ++b) {
-        at::Tensor xb = view(buf.data() + (b - b0) * L * d, {L, d});
-        at::Tensor gb = view(G + b * L * L, {L, L});
-        at::mm_out(gb, xb, xb.t());
-      }
-    }
-  });
-}
-
-// Everything the tile workers share (read-only).
-template <typename T>
-struct Problem {
-  const T* regions;
-  const T* words;
-  const int64_t* rl;
-  const int64_t* wl;
-  int64_t B_img, N, B_txt, M, d;
-  const T* G_img;  // (B_img, N, N) when the t2i direction is on
-  const T* G_txt;  // (B_txt, M, M) when the i2t direction is on
-  Options o;
-  Blocking blk;
-};
-
-// Per-thread buffers for one block pair.
-template <typename T>
-struct Workspace {
-  std::vector<T> Rb, Wb, tile, dtile, pS, pdS, work;
-  PairWork<T> pw;
-  explicit Workspace(const Problem<T>& P, bool backward) {
-    const int64_t rows = P.blk.bi * P.N, cols = P.blk.bt * P.M, L = std::max(P.N, P.M);
-    Rb.resize(rows * P.d);
-    Wb.resize(cols * P.d);
-    tile.resize(rows * cols);
-    if (backward) {
-      dtile.resize(rows * cols);
-      pdS.resize(P.N * P.M);
-    }
-    pS.resize(P.N * P.M);
-    work.resize(pair_work_size(L, L));
-    pw = pair_work_from(work.data(), L, L);
-  }
-  // normalised rows of image block I / caption block T, then the cosine tile
-  int64_t i0 = -1, t0 = -1, ni = 0, nt = 0;
-  void load(const Problem<T>& P, int64_t I, int64_t Tb) {
-    const int64_t ni_ = std::min(P.B_img, (I + 1) * P.blk.bi) - I * P.blk.bi;
-    const int64_t nt_ = std::min(P.B_txt, (Tb + 1) * P.blk.bt) - Tb * P.blk.bt;
-    if (i0 != I * P.blk.bi) {
-      i0 = I * P.blk.bi;
-      ni = ni_;
-      normalize_rows(P.regions, P.rl, i0, i0 + ni, P.N, P.d, Rb.data());
-    }
-    if (t0 != Tb * P.blk.bt) {
-      t0 = Tb * P.blk.bt;
-      nt = nt_;
-      normalize_rows(P.words, P.wl, t0, t0 + nt, P.M, P.d, Wb.data());
-    }
-    at::Tensor S = view(tile.data(), {ni * P.N, nt * P.M});
-    at::mm_out(S, view(Rb.data(), {ni * P.N, P.d}), view(Wb.data(), {nt * P.M, P.d}).t());
-  }
-};
-
-// Context-major copy of pair (i, t)'s sub-tile for one direction. sub: the pair's corner of the
-// tile (rows = the image's regions, columns = the caption's words), row stride ld.
-// t2i: context = regions (n = n_img), query = words: out[r*n_txt + k] = sub[r, k].
-// i2t: context = words (n = n_txt), query = regions: out[r*n_img + k] = sub[k, r].
-template <typename T>
-void gather_pair(const T* sub, int64_t ld, int64_t n_img, int64_t n_txt, bool t2i, T* out) {
-  if (t2i) {
-    for (int64_t r = 0; r < n_img; ++r)
-      for (int64_t k = 0; k < n_txt; ++k) out[r * n_txt + k] = sub[r * ld + k];
-  } else {
-    for (int64_t k = 0; k < n_img; ++k)
-      for (int64_t r = 0; r < n_txt; ++r) out[r * n_img + k] = sub[k * ld + r];
-  }
-}
-
-template <typename T>
-void scatter_add_pair(const T* in, int64_t ld, int64_t n_img, int64_t n_txt, bool t2i, T* sub) {
-  if (t2i) {
-    for (int64_t r = 0; r < n_img; ++r)
-      for (int64_t k = 0; k < n_txt; ++k) sub[r * ld + k] += in[r * n_txt + k];
-  } else {
-    for (int64_t k = 0; k < n_img; ++k)
-      for (int64_t r = 0; r < n_txt; ++r) sub[k * ld + r] += in[r * n_img + k];
-  }
-}
-
-// 1 / max(||x_r||, eps) of every row of x (B, L, d) into inv (B*L); 0 for padded rows.
-template <typename T>
-void inverse_norms(const T* x, const int64_t* lengths, int64_t B, int64_t L, int64_t d, T* inv) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r = 0; r < L; ++r) {
-        if (r >= lengths[b]) {
-          inv[b * L + r] = T(0);
-          continue;
-        }
-        const T* xr = x + (b * L + r) * d;
-        double ss = 0;
-        for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
-        inv[b * L + r] = static_cast<T>(1.0 / std::max(std::sqrt(ss), kNormEps));
-      }
-    }
-  });
-}
-
-// The forward multiplies the raw (contiguous) input blocks, no copies, and scales each valid
-// entry of the tile by the two inverse norms as it gathers a pair; entries of padded rows are
-// never read, so whatever the padding holds (even inf or NaN) cannot reach a score.
-template <typename T>
-void gather_pair_scaled(const T* sub, int64_t ld, const T* inv_img, const T* inv_txt, int64_t n_img, int64_t n_txt,
-                        bool t2i, T* out) {
-  if (t2i) {
-    for (int64_t r = 0; r < n_img; ++r) {
-      const T ir = inv_img[r];
-      for (int64_t k = 0; k < n_txt; ++k) out[r * n_txt + k] = sub[r * ld + k] * ir * inv_txt[k];
-    }
-  } else {
-    for (int64_t k = 0; k < n_img; ++k) {
-      const T ik = inv_img[k];
-      for (int64_t r = 0; r < n_txt; ++r) out[r * n_img + k] = sub[k * ld + r] * ik * inv_txt[r];
-    }
-  }
-}
-
-template <typename T>
-void forward_kernel(const Problem<T>& P, T* scores) {
-  const Blocking& B = P.blk;
-  const PairParams<T> pt = pair_params<T>(P.o, true), pi = pair_params<T>(P.o, false);
-  const PairKernels<T> kern = pair_kernels<T>();
-  std::vector<T> inv_r(P.B_img * P.N), inv_w(P.B_txt * P.M);
-  inverse_norms(P.regions, P.rl, P.B_img, P.N, P.d, inv_r.data());
-  inverse_norms(P.words, P.wl, P.B_txt, P.M, P.d, inv_w.data());
-  at::parallel_for(0, B.nI * B.nT, 1, [&](int64_t begin, int64_t end) {
-    const int64_t L = std::max(P.N, P.M);
-    std::vector<T> tile(B.bi * P.N * B.bt * P.M), pS(P.N * P.M), work(pair_work_size(L, L));
-    PairWork<T> pw = pair_work_from(work.data(), L, L);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t I = task / B.nT, Tb = task % B.nT;
-      const int64_t i0 = I * B.bi, ni = std::min(P.B_img, i0 + B.bi) - i0;
-      const int64_t t0 = Tb * B.bt, nt = std::min(P.B_txt, t0 + B.bt) - t0;
-      const int64_t ld = nt * P.M;
-      // const_cast: from_blob wants a mutable pointer; the inputs are only read
-      at::Tensor Rb = view(const_cast<T*>(P.regions) + i0 * P.N * P.d, {ni * P.N, P.d});
-      at::Tensor Wb = view(const_cast<T*>(P.words) + t0 * P.M * P.d, {nt * P.M, P.d});
-      at::Tensor S = view(tile.data(), {ni * P.N, ld});
-      at::mm_out(S, Rb, Wb.t());
-      for (int64_t ii = 0; ii < ni; ++ii) {
-        const int64_t i = i0 + ii, n_img = P.rl[i];
-        for (int64_t tt = 0; tt < nt; ++tt) {
-          const int64_t t = t0 + tt, n_txt = P.wl[t];
-          const T* sub = tile.data() + ii * P.N * ld + tt * P.M;
-          const T* ir = inv_r.data() + i * P.N;
-          const T* iw = inv_w.data() + t * P.M;
-          T s_t2i = T(0), s_i2t = T(0);
-          if (P.o.t2i()) {
-            gather_pair_scaled(sub, ld, ir, iw, n_img, n_txt, true, pS.data());
-            s_t2i = kern.forward(pS.data(), P.G_img + i * P.N * P.N, P.N, n_img, n_txt, pt, pw);
-          }
-          if (P.o.i2t()) {
-            gather_pair_scaled(sub, ld, ir, iw, n_img, n_txt, false, pS.data());
-            s_i2t = kern.forward(pS.data(), P.G_txt + t * P.M * P.M, P.M, n_txt, n_img, pi, pw);
-          }
-          scores[i * P.B_txt + t] = P.o.direction == kT2I ? s_t2i
-                                    : P.o.direction == kI2T ? s_i2t
-                                                            : T(0.5) * (s_t2i + s_i2t);
-        }
-      }
-    }
-  });
-}
-
-// dS of every pair of the loaded tile into ws.dtile; dG of the owner side accumulated into dG
-// (t2i Gram of the block's images when own_images, i2t Gram of its captions otherwise).
-template <typename T>
-void tile_backward(const Problem<T>& P, Workspace<T>& ws, const T* grad, bool own_images, T* dG) {
-  const PairParams<T> pt = pair_params<T>(P.o, true), pi = pair_params<T>(P.o, false);
-  const PairKernels<T> kern = pair_kernels<T>();
-  const int64_t ld = ws.nt * P.M;
-  std::fill(ws.dtile.begin(), ws.dtile.begin() + ws.ni * P.N * ld, T(0));
-  const T scale = P.o.direction == kBoth ? T(0.5) : T(1);
-  for (int64_t ii = 0; ii < ws.ni; ++ii) {
-    const int64_t i = ws.i0 + ii, n_img = P.rl[i];
-    for (int64_t tt = 0; tt < ws.nt; ++tt) {
-      const int64_t t = ws.t0 + tt, n_txt = P.wl[t];
-      const T g = grad[i * P.B_txt + t];
-      if (g == T(0)) continue;  // contributes exactly nothing (e.g. hinge terms at zero)
-      const T* sub = ws.tile.data() + ii * P.N * ld + tt * P.M;
-      T* dsub = ws.dtile.data() + ii * P.N * ld + tt * P.M;
-      if (P.o.t2i()) {
-        gather_pair(sub, ld, n_img, n_txt, true, ws.pS.data());
-        T* dGi = own_images ? dG + ii * P.N * P.N : nullptr;
-        kern.backward(scale * g, ws.pS.data(), P.G_img + i * P.N * P.N, P.N, n_img, n_txt, pt, ws.pw, ws.pdS.data(),
-                      dGi, P.N);
-        scatter_add_pair(ws.pdS.data(), ld, n_img, n_txt, true, dsub);
-      }
-      if (P.o.i2t()) {
-        gather_pair(sub, ld, n_img, n_txt, false, ws.pS.data());
-        T* dGt = own_images ? nullptr : dG + tt * P.M * P.M;
-        kern.backward(scale * g, ws.pS.data(), P.G_txt + t * P.M * P.M, P.M, n_txt, n_img, pi, ws.pw, ws.pdS.data(),
-                      dGt, P.M);
-        scatter_add_pair(ws.pdS.data(), ld, n_img, n_txt, false, dsub);
-      }
-    }
-  }
-}
-
-template <typename T>
-void backward_kernel(const Problem<T>& P, const T* grad, T* grad_regions, T* grad_words) {
-  const Blocking& B = P.blk;
-  if (grad_regions != nullptr) {
-    // pass 1: each image block owns its rows of grad_regions
-    at::parallel_for(0, B.nI, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(P, true);
-      std::vector<T> dR(B.bi * P.N * P.d), dG(P.o.t2i() ? B.bi * P.N * P.N : 0);
-      for (int64_t I = begin; I < end; ++I) {
-        std::fill(dR.begin(), dR.end(), T(0));
-        std::fill(dG.begin(), dG.end(), T(0));
-        for (int64_t Tb = 0; Tb < B.nT; ++Tb) {
-          ws.load(P, I, Tb);
-          tile_backward(P, ws, grad, true, dG.data());
-          const int64_t rows = ws.ni * P.N, cols = ws.nt * P.M;
-          at::Tensor dRt = view(dR.data(), {rows, P.d});
-          dRt.addmm_(view(ws.dtile.data(), {rows, cols}), view(ws.Wb.data(), {cols, P.d}));
-        }
-        if (P.o.t2i()) {  // Gram: dR^_i += (dG + dG^T) R^_i = 2 dG R^_i
-          for (int64_t ii = 0; ii < ws.ni; ++ii) {
-            at::Tensor dRi = view(dR.data() + ii * P.N * P.d, {P.N, P.d});
-            dRi.addmm_(view(dG.data() + ii * P.N * P.N, {P.N, P.N}), view(ws.Rb.data() + ii * P.N * P.d, {P.N, P.d}),
-                       1, 2);
-          }
-        }
-        normalize_backward(P.regions, ws.Rb.data(), dR.data(), P.rl, ws.i0, ws.i0 + ws.ni, P.N, P.d, grad_regions);
-      }
-    });
-  }
-  if (grad_words != nullptr) {
-    // pass 2: each caption block owns its rows of grad_words
-    at::parallel_for(0, B.nT, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(P, true);
-      std::vector<T> dW(B.bt * P.M * P.d), dG(P.o.i2t() ? B.bt * P.M * P.M : 0);
-      for (int64_t Tb = begin; Tb < end; ++Tb) {
-        std::fill(dW.begin(), dW.end(), T(0));
-        std::fill(dG.begin(), dG.end(), T(0));
-        for (int64_t I = 0; I < B.nI; ++I) {
-          ws.load(P, I, Tb);
-          tile_backward(P, ws, grad, false, dG.data());
-          const int64_t rows = ws.ni * P.N, cols = ws.nt * P.M;
-          at::Tensor dWt = view(dW.data(), {cols, P.d});
-          dWt.addmm_(view(ws.dtile.data(), {rows, cols}).t(), view(ws.Rb.data(), {rows, P.d}));
-        }
-        if (P.o.i2t()) {
-          for (int64_t tt = 0; tt < ws.nt; ++tt) {
-            at::Tensor dWi = view(dW.data() + tt * P.M * P.d, {P.M, P.d});
-            dWi.addmm_(view(dG.data() + tt * P.M * P.M, {P.M, P.M}), view(ws.Wb.data() + tt * P.M * P.d, {P.M, P.d}),
-                       1, 2);
-          }
-        }
-        normalize_backward(P.words, ws.Wb.data(), dW.data(), P.wl, ws.t0, ws.t0 + ws.nt, P.M, P.d, grad_words);
-      }
-    });
-  }
-}
-
-template <typename T>
-Problem<T> make_problem(const at::Tensor& regions, const at::Tensor& rl, const at::Tensor& words, const at::Tensor& wl,
-                        const Options& o, std::vector<T>& g_img, std::vector<T>& g_txt) {
-  Problem<T> P;
-  P.regions = regions.data_ptr<T>();
-  P.words = words.data_ptr<T>();
-  P.rl = rl.data_ptr<int64_t>();
-  P.wl = wl.data_ptr<int64_t>();
-  P.B_img = regions.size(0);
-  P.N = regions.size(1);
-  P.B_txt = words.size(0);
-  P.M = words.size(1);
-  P.d = regions.size(2);
-  P.o = o;
-  P.blk = choose_blocks(P.B_img, P.N, P.B_txt, P.M);
-  P.G_img = nullptr;
-  P.G_txt = nullptr;
-  if (o.t2i()) {
-    g_img.resize(P.B_img * P.N * P.N);
-    compute_grams(P.regions, P.rl, P.B_img, P.N, P.d, g_img.data());
-    P.G_img = g_img.data();
-  }
-  if (o.i2t()) {
-    g_txt.resize(P.B_txt * P.M * P.M);
-    compute_grams(P.words, P.wl, P.B_txt, P.M, P.d, g_txt.data());
-    P.G_txt = g_txt.data();
-  }
-  return P;
-}
-
-struct Checked {
-  at::Tensor regions, rl, words, wl;
-};
-
-Checked check_inputs(const at::Tensor& regions, const at::Tensor& region_lengths, const at::Tensor& words,
-                     const at::Tensor& word_lengths) {
+CallInputs check_inputs(const at::Tensor& regions, const at::Tensor& region_lengths, const at::Tensor& words,
+                        const at::Tensor& word_lengths, const Options& o) {
   check_features(regions, "regions");
   check_features(words, "words");
   check_feature_pair(regions, words);
-  Checked c;
+  CallInputs c;
   c.regions = regions.contiguous();
   c.words = words.contiguous();
-  c.rl = check_lengths(region_lengths, "region_lengths", regions.size(0), regions.size(1));
-  c.wl = check_lengths(word_lengths, "word_lengths", words.size(0), words.size(1));
+  TORCH_CHECK(region_lengths.device().is_cpu(), "xattn_similarity (CPU kernel): region_lengths must be a CPU tensor");
+  TORCH_CHECK(word_lengths.device().is_cpu(), "xattn_similarity (CPU kernel): word_lengths must be a CPU tensor");
+  c.rl_host = host_lengths(region_lengths, "region_lengths", regions.size(0), regions.size(1));
+  c.wl_host = host_lengths(word_lengths, "word_lengths", words.size(0), words.size(1));
+  c.o = o;
   return c;
 }
+
+at::Tensor grad_in(const at::Tensor& grad_scores, const at::Tensor& regions, const at::Tensor& words) {
+  check_grad_scores_shape(grad_scores, regions, words);
+  TORCH_CHECK(grad_scores.device().is_cpu(), "xattn_similarity_bwd (CPU kernel): grad_scores must be a CPU tensor");
+  return grad_scores.to(regions.scalar_type()).contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The ops
 
 at::Tensor xattn_similarity_fwd_cpu(const at::Tensor& regions, const at::Tensor& region_lengths, const at::Tensor& words,
                                     const at::Tensor& word_lengths, c10::string_view direction, double lambda_t2i,
                                     double lambda_i2t, c10::string_view attn_norm, bool mfe, double tau,
                                     c10::string_view agg, double lambda_lse) {
   const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
-  Checked c = check_inputs(regions, region_lengths, words, word_lengths);
-  at::Tensor scores = at::zeros({regions.size(0), words.size(0)}, regions.options());
-  if (scores.numel() == 0) return scores;
+  const CallInputs c = check_inputs(regions, region_lengths, words, word_lengths, o);
+  at::Tensor scores;
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "xattn_similarity_fwd_cpu", [&] {
-    std::vector<scalar_t> g_img, g_txt;
-    Problem<scalar_t> P = make_problem<scalar_t>(c.regions, c.rl, c.words, c.wl, o, g_img, g_txt);
-    forward_kernel<scalar_t>(P, scores.data_ptr<scalar_t>());
+    CpuDev<scalar_t> dev;
+    scores = Blocked<scalar_t, CpuDev<scalar_t>>(dev, c).forward();
   });
   return scores;
+}
+
+std::tuple<at::Tensor, at::Tensor> xattn_similarity_fwd_saved_cpu(
+    const at::Tensor& regions, const at::Tensor& region_lengths, const at::Tensor& words, const at::Tensor& word_lengths,
+    c10::string_view direction, double lambda_t2i, double lambda_i2t, c10::string_view attn_norm, bool mfe, double tau,
+    c10::string_view agg, double lambda_lse, int64_t budget) {
+  const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
+  const CallInputs c = check_inputs(regions, region_lengths, words, word_lengths, o);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "xattn_similarity_fwd_saved_cpu", [&] {
+    CpuDev<scalar_t> dev;
+    out = Blocked<scalar_t, CpuDev<scalar_t>>(dev, c).forward_saving(budget);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_scores, const at::Tensor& regions,
+                                                const at::Tensor& region_lengths, const at::Tensor& words,
+                                                const at::Tensor& word_lengths, const at::Tensor& saved,
+                                                const Options& o, int64_t budget, bool need_grad_regions,
+                                                bool need_grad_words) {
+  const CallInputs c = check_inputs(regions, region_lengths, words, word_lengths, o);
+  at::Tensor grad = grad_in(grad_scores, regions, words);
+  // gradients: every row is written by the backward (padding rows 0)
+  at::Tensor gr = need_grad_regions ? at::empty_like(c.regions) : at::empty({0}, regions.options());
+  at::Tensor gw = need_grad_words ? at::empty_like(c.words) : at::empty({0}, words.options());
+  if (grad.numel() == 0) {
+    gr.zero_();
+    gw.zero_();
+    return {gr, gw};
+  }
+  if (!need_grad_regions && !need_grad_words) return {gr, gw};
+  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "xattn_similarity_bwd_cpu", [&] {
+    CpuDev<scalar_t> dev;
+    Blocked<scalar_t, CpuDev<scalar_t>> b(dev, c);
+    at::Tensor s = saved.defined() ? saved : at::empty({0}, c.regions.options());
+    check_saved(s, b.saved_numel(), c.regions.scalar_type());
+    b.backward(grad, s, need_grad_regions ? &gr : nullptr, need_grad_words ? &gw : nullptr, budget);
+  });
+  return {gr, gw};
 }
 
 std::tuple<at::Tensor, at::Tensor> xattn_similarity_bwd_cpu(
@@ -536,21 +410,21 @@ std::tuple<at::Tensor, at::Tensor> xattn_similarity_bwd_cpu(
     c10::string_view attn_norm, bool mfe, double tau, c10::string_view agg, double lambda_lse, bool need_grad_regions,
     bool need_grad_words) {
   const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
-  Checked c = check_inputs(regions, region_lengths, words, word_lengths);
-  check_grad_scores_shape(grad_scores, regions, words);
-  TORCH_CHECK(grad_scores.device().is_cpu(), "xattn_similarity_bwd (CPU kernel): grad_scores must be a CPU tensor");
-  at::Tensor grad = grad_scores.to(regions.scalar_type()).contiguous();
-  at::Tensor gr = need_grad_regions ? at::zeros_like(c.regions) : at::empty({0}, regions.options());
-  at::Tensor gw = need_grad_words ? at::zeros_like(c.words) : at::empty({0}, words.options());
-  if (grad.numel() == 0 || (!need_grad_regions && !need_grad_words)) return {gr, gw};
-  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "xattn_similarity_bwd_cpu", [&] {
-    std::vector<scalar_t> g_img, g_txt;
-    Problem<scalar_t> P = make_problem<scalar_t>(c.regions, c.rl, c.words, c.wl, o, g_img, g_txt);
-    backward_kernel<scalar_t>(P, grad.data_ptr<scalar_t>(), need_grad_regions ? gr.data_ptr<scalar_t>() : nullptr,
-                              need_grad_words ? gw.data_ptr<scalar_t>() : nullptr);
-  });
-  return {gr, gw};
+  return backward_cpu(grad_scores, regions, region_lengths, words, word_lengths, at::Tensor(), o, kDefaultTileBudget,
+                      need_grad_regions, need_grad_words);
 }
+
+std::tuple<at::Tensor, at::Tensor> xattn_similarity_bwd_saved_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& regions, const at::Tensor& region_lengths, const at::Tensor& words,
+    const at::Tensor& word_lengths, const at::Tensor& saved, c10::string_view direction, double lambda_t2i,
+    double lambda_i2t, c10::string_view attn_norm, bool mfe, double tau, c10::string_view agg, double lambda_lse,
+    int64_t budget, bool need_grad_regions, bool need_grad_words) {
+  const Options o = parse_options(direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse);
+  return backward_cpu(grad_scores, regions, region_lengths, words, word_lengths, saved, o, budget, need_grad_regions,
+                      need_grad_words);
+}
+
+std::string cpu_isa_op() { return cpu_isa(); }
 
 }  // namespace
 }  // namespace mefn
@@ -563,9 +437,22 @@ TORCH_LIBRARY(mefn_fast, m) {
       "xattn_similarity_bwd(Tensor grad_scores, Tensor regions, Tensor region_lengths, Tensor words, "
       "Tensor word_lengths, str direction, float lambda_t2i, float lambda_i2t, str attn_norm, bool mfe, float tau, "
       "str agg, float lambda_lse, bool need_grad_regions, bool need_grad_words) -> (Tensor, Tensor)");
+  m.def(
+      "xattn_similarity_fwd_saved(Tensor regions, Tensor region_lengths, Tensor words, Tensor word_lengths, "
+      "str direction, float lambda_t2i, float lambda_i2t, str attn_norm, bool mfe, float tau, str agg, "
+      "float lambda_lse, int budget) -> (Tensor, Tensor)");
+  m.def(
+      "xattn_similarity_bwd_saved(Tensor grad_scores, Tensor regions, Tensor region_lengths, Tensor words, "
+      "Tensor word_lengths, Tensor saved, str direction, float lambda_t2i, float lambda_i2t, str attn_norm, bool mfe, "
+      "float tau, str agg, float lambda_lse, int budget, bool need_grad_regions, bool need_grad_words) "
+      "-> (Tensor, Tensor)");
+  // the instruction set of the CPU epilogue on this machine (for tests and mefn_fast.info)
+  m.def("cpu_isa() -> str", &mefn::cpu_isa_op);
 }
 
 TORCH_LIBRARY_IMPL(mefn_fast, CPU, m) {
   m.impl("xattn_similarity_fwd", &mefn::xattn_similarity_fwd_cpu);
   m.impl("xattn_similarity_bwd", &mefn::xattn_similarity_bwd_cpu);
+  m.impl("xattn_similarity_fwd_saved", &mefn::xattn_similarity_fwd_saved_cpu);
+  m.impl("xattn_similarity_bwd_saved", &mefn::xattn_similarity_bwd_saved_cpu);
 }

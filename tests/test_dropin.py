@@ -225,8 +225,10 @@ def test_half_precision_on_the_cpu_takes_the_cpu_op(dtype, unit_roundoff, monkey
         pytest.skip("the cpu backend is not built")
     from mefn_fast.backends import ext_ops
 
-    seen, op = [], ext_ops.fwd_op
-    monkeypatch.setattr(ext_ops, "fwd_op", lambda *args: seen.append(args[0].dtype) or op(*args))
+    seen = []
+    for name in ("fwd_op", "fwd_saved_op"):  # (under autograd the op is the saved-tile forward)
+        op = getattr(ext_ops, name)
+        monkeypatch.setattr(ext_ops, name, lambda *args, op=op: seen.append(args[0].dtype) or op(*args))
     opts = dict(direction="both", agg="lse", tau=0.4)
     regions, rl, words, wl = make_inputs(3, 5, 7, 6, 16)
     r, w = regions.to(dtype).requires_grad_(), words.to(dtype).requires_grad_()

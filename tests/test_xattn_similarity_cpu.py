@@ -34,6 +34,7 @@ def ref(regions, rl, words, wl, **opts):
 
 
 def scores_and_grads(fn, regions, rl, words, wl, upstream=None, **opts):
+    """fn's scores and the gradients of sum(scores * upstream) (upstream: seeded random by default)."""
     regions = regions.detach().clone().requires_grad_(True)
     words = words.detach().clone().requires_grad_(True)
     s = fn(regions, rl, words, wl, **opts)
@@ -302,10 +303,12 @@ def test_torch_compile_small_mefn_forward_and_backward():
 # ----------------------------------------------------------------------------- both per-pair builds
 _GENERIC_CHECK = r"""
 import sys, torch, mefn_fast
+import mefn_fast.backends.ext_ops  # loads the extension
 sys.path.insert(0, sys.argv[1])
 from conftest import OPTION_GRID, make_inputs
+assert torch.ops.mefn_fast.cpu_isa() == sys.argv[2], torch.ops.mefn_fast.cpu_isa()
 for opts in OPTION_GRID:
-    r, rl, w, wl = make_inputs(3, 4, 7, 5, 11, seed=5)
+    r, rl, w, wl = make_inputs(23, 30, 7, 5, 11, seed=5)
     out = []
     for backend in ("cpu", "reference"):
         r1, w1 = r.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -318,14 +321,188 @@ print("ok")
 """
 
 
-def test_generic_per_pair_build_matches_reference():
-    # The op picks the AVX2+FMA copy of the per-pair math when the CPU has it; MEFN_CPU_ISA=generic
-    # forces the default (SSE2) copy, which every other x86-64 CPU runs.
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_other_instruction_set_builds_match_reference(isa):
+    # The op picks the AVX-512 copy of the epilogue when the CPU has it; MEFN_CPU_ISA=generic or
+    # avx2 forces the default (SSE2) copy or the AVX2+FMA one, which other x86-64 CPUs run.
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MEFN_CPU_ISA="generic")
+    env = dict(os.environ, MEFN_CPU_ISA=isa)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", _GENERIC_CHECK, tests_dir], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _GENERIC_CHECK, tests_dir, isa], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- packing by length
+def _permuted(x, perm):
+    return x[perm].clone()
+
+
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
+def test_packed_orderings_give_the_same_scores(opts):
+    # the op sorts items by length into blocks: any order of the items (and of their lengths)
+    # gives the same scores, permuted, to rounding; the unpacked reference agrees
+    regions, rl, words, wl = make_inputs(9, 13, 7, 6, 10, seed=21)
+    weight = torch.randn(9, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, weight, **opts)
+    s_ref, gr_ref, gw_ref = scores_and_grads(ref, regions, rl, words, wl, weight, **opts)
+    assert rel_err(s, s_ref) <= 1e-10 and rel_err(gr, gr_ref) <= 1e-10 and rel_err(gw, gw_ref) <= 1e-10
+    g = torch.Generator().manual_seed(5)
+    orders = [(torch.argsort(rl), torch.argsort(wl)), (torch.argsort(-rl), torch.argsort(-wl)),
+              (torch.randperm(9, generator=g), torch.randperm(13, generator=g))]
+    for pi, pt in orders:
+        s2, gr2, gw2 = scores_and_grads(cpu, _permuted(regions, pi), rl[pi], _permuted(words, pt), wl[pt],
+                                        weight[pi][:, pt], **opts)
+        assert rel_err(s2, s[pi][:, pt]) <= 1e-13
+        assert rel_err(gr2, gr[pi]) <= 1e-12 and rel_err(gw2, gw[pt]) <= 1e-12
+
+
+def test_packing_many_lengths_float32():
+    # every caption length from 1 to 32 and a few image lengths, in a shuffled order: float32
+    # within the reference's own error
+    g = torch.Generator().manual_seed(6)
+    regions = torch.randn(12, 36, 64, generator=g, dtype=torch.float64)
+    words = torch.randn(70, 32, 64, generator=g, dtype=torch.float64)
+    rl = torch.tensor([36, 36, 20, 36, 1, 36, 7, 36, 36, 30, 36, 36])
+    wl = torch.randperm(70, generator=g) % 32 + 1
+    upstream = torch.randn(12, 70, generator=g, dtype=torch.float64)
+    for opts in (OPTION_GRID[0], OPTION_GRID[21]):
+        s64, gr64, gw64 = scores_and_grads(ref, regions, rl, words, wl, upstream, **opts)
+        s_ref, gr_ref, gw_ref = scores_and_grads(ref, regions.float(), rl, words.float(), wl, upstream.float(), **opts)
+        s, gr, gw = scores_and_grads(cpu, regions.float(), rl, words.float(), wl, upstream.float(), **opts)
+        _assert_fp32_close(s, s_ref, s64, "scores")
+        _assert_fp32_close(gr, gr_ref, gr64, "grad regions")
+        _assert_fp32_close(gw, gw_ref, gw64, "grad words")
+
+
+# ----------------------------------------------------------------------------- saved tiles
+@pytest.fixture
+def tile_budget():
+    from mefn_fast.backends import ext_ops
+
+    before = ext_ops.tile_budget()
+    yield ext_ops.set_tile_budget
+    ext_ops.set_tile_budget(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 7, 11, 17, 20)], ids=option_id)
+def test_saved_tiles_and_recomputation_agree(opts, dtype, tile_budget):
+    # saved (the default budget holds this batch), recomputed in one super-block (budget 0 saves
+    # nothing) and recomputed in many small super-blocks
+    from mefn_fast.backends import ext_ops
+
+    regions, rl, words, wl = make_inputs(23, 29, 7, 6, 16, dtype=dtype, seed=12)
+    upstream = torch.randn(23, 29, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    args = ext_ops.option_args(mefn_fast.options.make_options(**opts))
+    _, saved = ext_ops.fwd_saved_op(regions, rl, words, wl, *args, ext_ops.DEFAULT_TILE_BUDGET)
+    assert saved.numel() > 0
+    _, nothing = ext_ops.fwd_saved_op(regions, rl, words, wl, *args, 0)
+    assert nothing.numel() == 0
+    results = []
+    for budget in (ext_ops.DEFAULT_TILE_BUDGET, 0):
+        tile_budget(budget)
+        results.append(scores_and_grads(cpu, regions, rl, words, wl, upstream, **opts))
+    results.append((results[0][0],) + ext_ops.bwd_saved_op(upstream, regions, rl, words, wl, nothing, *args, 4096,
+                                                           True, True))
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0])
+        for a, b in zip(other[1:], results[0][1:]):
+            assert rel_err(a, b) <= (1e-13 if dtype == torch.float64 else 1e-5)
+
+
+def test_saved_tiles_are_checked():
+    from mefn_fast.backends import ext_ops
+
+    regions, rl, words, wl = make_inputs(3, 4, 5, 6, 7, seed=2)
+    args = ext_ops.option_args(mefn_fast.options.make_options())
+    _, saved = ext_ops.fwd_saved_op(regions, rl, words, wl, *args, 1 << 20)
+    with pytest.raises(RuntimeError, match="saved"):
+        ext_ops.bwd_saved_op(torch.ones(3, 4, dtype=torch.float64), regions, rl, words, wl, saved[:-1], *args, 1 << 20,
+                             True, True)
+    with pytest.raises(ValueError, match="tile budget"):
+        ext_ops.set_tile_budget(-1)
+
+
+def test_opcheck_saved_ops():
+    from mefn_fast.backends.ext_ops import bwd_saved_op, fwd_saved_op
+
+    for (r, rl, w, wl), args in _op_samples():
+        torch.library.opcheck(fwd_saved_op, (r, rl, w, wl, *args, 1 << 20))
+        _, saved = fwd_saved_op(r.detach(), rl, w.detach(), wl, *args, 1 << 20)
+        g = torch.randn(r.shape[0], w.shape[0], dtype=r.dtype)
+        for s in (saved, saved[:0]):
+            torch.library.opcheck(bwd_saved_op, (g, r.detach(), rl, w.detach(), wl, s, *args, 1 << 20, True, True))
+
+
+@pytest.mark.parametrize("budget", [0, 20000])
+def test_recomputing_backward_same_bits_for_any_thread_count(budget, tile_budget):
+    tile_budget(budget)
+    regions, rl, words, wl = make_inputs(37, 45, 9, 7, 40, dtype=torch.float32, seed=10)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(scores_and_grads(cpu, regions, rl, words, wl, direction="both", agg="lse"))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- extreme inputs
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.float32, 3e37), (torch.float64, 1e300)])
+def test_normalisation_cannot_overflow(dtype, scale):
+    # row norms are taken without squaring the raw features in their own precision: features of
+    # any finite size give the scores of the unit rows, and gradients scaled by 1 / size (rows
+    # far below the normalisation's eps of 1e-12 are a different matter: x / 1e-12, as defined)
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, dtype=dtype, seed=13)
+    upstream = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    for direction in ("t2i", "both"):
+        s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, upstream, direction=direction)
+        s2, gr2, gw2 = scores_and_grads(cpu, regions * scale, rl, words * scale, wl, upstream, direction=direction)
+        assert torch.isfinite(s2).all() and torch.isfinite(gr2).all() and torch.isfinite(gw2).all()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert rel_err(s2, s) <= tol
+        assert rel_err(gr2 * scale, gr) <= tol and rel_err(gw2 * scale, gw) <= tol
+
+
+def _richardson_gradient(fn, x, index, h):
+    def central(step):
+        xp, xm = x.clone(), x.clone()
+        xp.view(-1)[index] += step
+        xm.view(-1)[index] -= step
+        return float((fn(xp) - fn(xm)) / (2 * step))
+    return (4 * central(h / 2) - central(h)) / 3
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_extreme_hyperparameters_match_reference(seed):
+    # lambda = 1e4 and tau = 1e-8: attention nearly one-hot, weights nearly one-hot; the log
+    # softmax is taken as (L - max) - log sum, the weights' backward around the heaviest weight
+    opts = dict(lambda_t2i=1e4, tau=1e-8)
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, seed=seed)
+    upstream = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, upstream, **opts)
+    s2, gr2, gw2 = scores_and_grads(ref, regions, rl, words, wl, upstream, **opts)
+    assert rel_err(s, s2) <= 1e-10 and rel_err(gr, gr2) <= 1e-10 and rel_err(gw, gw2) <= 1e-10
+
+
+@pytest.mark.parametrize("opts", [dict(lambda_t2i=1e4, tau=1e-8), dict(lambda_i2t=1e4, tau=1e-8, direction="i2t"),
+                                  dict(lambda_t2i=1e4, lambda_i2t=1e4, tau=1e-8, direction="both", agg="lse")],
+                         ids=["t2i", "i2t", "both-lse"])
+def test_extreme_hyperparameters_match_finite_differences(opts):
+    regions, rl, words, wl = make_inputs(3, 4, 7, 5, 11, seed=0)
+    upstream = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+    _, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, upstream, **opts)
+    for x, grad, which in ((regions, gr, 0), (words, gw, 1)):
+        def f(z):
+            args = (z, rl, words, wl) if which == 0 else (regions, rl, z, wl)
+            return (cpu(*args, **opts) * upstream).sum()
+        for index in torch.topk(grad.abs().flatten(), 3).indices.tolist():
+            fd = _richardson_gradient(f, x, index, 1e-5)
+            assert abs(fd - float(grad.view(-1)[index])) <= 1e-6 * float(grad.abs().max())

@@ -103,11 +103,11 @@ _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("cuda", "C++/CUDA extension op (tensor-core tiles, shared per-pair header)",
+        Backend("cuda", "C++/CUDA extension op (packed blocks, cuBLAS GEMMs, shared per-pair header)",
                 ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
         Backend("triton", "Triton kernels (fused tile, entropy and aggregation)",
                 ("cuda",), (torch.float16, torch.bfloat16, torch.float32)),
-        Backend("cpu", "C++ CPU extension op (blocked GEMM tiles, fused per-pair epilogue)",
+        Backend("cpu", "C++ CPU extension op (packed blocks, MKL GEMMs, fused per-pair epilogue)",
                 ("cpu",), _ALL_FLOATS),
         Backend("reference", "plain PyTorch, materialising, chunked over captions",
                 ("cpu", "cuda", "mps", "xpu"), _ALL_FLOATS),
