@@ -200,38 +200,62 @@ class Blocked {
       at::Tensor S2 = sb_matrix(state, sb), dS2 = sb_matrix(dS, sb);
       const std::vector<int64_t> rec = record_offsets(sb);
       const C* g = grad.template data_ptr<C>();
-      // t2i epilogue backward: each image block owns its rows of dS and its dG, in caption order
-      if (o_.t2i()) {
-        dev_.for_tasks(sb.i1 - sb.i0, tile_work_, [&](int64_t task, Workspace& ws) {
-          const int64_t I = sb.i0 + task;
-          for (int64_t T = sb.t0; T < sb.t1; ++T) {
-            const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
-            EpilogueJob<C> j = job(true, I, T, sb_tile(S2, sb, I, T), ws, 0);
-            backward_job(true, j, state, rec, sb, I, T, ws, g, sb_tile(dS2, sb, I, T));
-            if (dg_img)
-              dev_.baddbmm_t(gram_block(dG_img, img_, I), view_of(j.D, ib.count, ib.len, tb.rows()),
-                             view_of(j.E, ib.count, ib.len, tb.rows()));
-          }
+      // the epilogue backward of block pair (I, T), t2i: its dS into the pair's tile of dS, the
+      // image block's dG += E~ E^T into dGi (when defined)
+      auto t2i_pair = [&](int64_t I, int64_t T, Workspace& ws, const at::Tensor& dGi) {
+        const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
+        EpilogueJob<C> j = job(true, I, T, sb_tile(S2, sb, I, T), ws, 0);
+        backward_job(true, j, state, rec, sb, I, T, ws, g, sb_tile(dS2, sb, I, T));
+        if (dGi.defined())
+          dev_.baddbmm_t(dGi, view_of(j.D, ib.count, ib.len, tb.rows()), view_of(j.E, ib.count, ib.len, tb.rows()));
+      };
+      // i2t, on the transposed tile: its dS^T added into the pair's tile (written, i2t alone), the
+      // caption block's dG into dGt (when defined)
+      auto i2t_pair = [&](int64_t I, int64_t T, Workspace& ws, const at::Tensor& dGt) {
+        const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
+        at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
+        dev_.transpose(ST, sb_tile(S2, sb, I, T), false);
+        EpilogueJob<C> j = job(false, I, T, ST, ws, 1);
+        at::Tensor dST = tile(ws, kSlotDST, tb.rows(), ib.rows());
+        backward_job(false, j, state, rec, sb, I, T, ws, g, dST);
+        dev_.transpose(sb_tile(dS2, sb, I, T), dST, o_.t2i());
+        if (dGt.defined())
+          dev_.baddbmm_t(dGt, view_of(j.D, tb.count, tb.len, ib.rows()), view_of(j.E, tb.count, tb.len, ib.rows()));
+      };
+      auto dG_of = [](bool want, const at::Tensor& G, const SidePlan& p, int64_t b) {
+        return want ? gram_block(G, p, b) : at::Tensor();
+      };
+      const int64_t groups = both_groups(sb, dg_txt);
+      if (groups > 0) {
+        // "both" in one pass, image block by image block: the i2t backward of a pair finds its S
+        // and dS tiles in cache. A task is a group of image blocks (fixed by the shapes); it owns
+        // its images' dG and adds its captions' dG into a partial of its own, the partials then
+        // summed in group order.
+        at::Tensor part = dg_txt ? at::zeros({groups, gram_entries(txt_)}, copts_) : at::Tensor();
+        const int64_t per = (sb.i1 - sb.i0 + groups - 1) / groups;
+        dev_.for_tasks(groups, tile_work_, [&](int64_t gi, Workspace& ws) {
+          for (int64_t I = sb.i0 + gi * per; I < std::min(sb.i1, sb.i0 + (gi + 1) * per); ++I)
+            for (int64_t T = sb.t0; T < sb.t1; ++T) {
+              t2i_pair(I, T, ws, dG_of(dg_img, dG_img, img_, I));
+              i2t_pair(I, T, ws, dg_txt ? gram_block(part[gi], txt_, T) : at::Tensor());
+            }
         });
-      }
-      // i2t epilogue backward on the transposed tiles: each caption block owns its dG and adds
-      // its dS^T into the tiles, in image order
-      if (o_.i2t()) {
-        dev_.for_tasks(sb.t1 - sb.t0, tile_work_, [&](int64_t task, Workspace& ws) {
-          const int64_t T = sb.t0 + task;
-          for (int64_t I = sb.i0; I < sb.i1; ++I) {
-            const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
-            at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
-            dev_.transpose(ST, sb_tile(S2, sb, I, T), false);
-            EpilogueJob<C> j = job(false, I, T, ST, ws, 1);
-            at::Tensor dST = tile(ws, kSlotDST, tb.rows(), ib.rows());
-            backward_job(false, j, state, rec, sb, I, T, ws, g, dST);
-            dev_.transpose(sb_tile(dS2, sb, I, T), dST, o_.t2i());
-            if (dg_txt)
-              dev_.baddbmm_t(gram_block(dG_txt, txt_, T), view_of(j.D, tb.count, tb.len, ib.rows()),
-                             view_of(j.E, tb.count, tb.len, ib.rows()));
-          }
-        });
+        for (int64_t gi = 0; dg_txt && gi < groups; ++gi) dG_txt.add_(part[gi]);
+      } else {
+        // one direction: t2i, each image block owns its rows of dS and its dG, in caption order;
+        // or i2t, each caption block owns its dG and writes its dS^T into the tiles, in image order
+        if (o_.t2i()) {
+          dev_.for_tasks(sb.i1 - sb.i0, tile_work_, [&](int64_t task, Workspace& ws) {
+            const int64_t I = sb.i0 + task;
+            for (int64_t T = sb.t0; T < sb.t1; ++T) t2i_pair(I, T, ws, dG_of(dg_img, dG_img, img_, I));
+          });
+        }
+        if (o_.i2t()) {
+          dev_.for_tasks(sb.t1 - sb.t0, tile_work_, [&](int64_t task, Workspace& ws) {
+            const int64_t T = sb.t0 + task;
+            for (int64_t I = sb.i0; I < sb.i1; ++I) i2t_pair(I, T, ws, dG_of(dg_txt, dG_txt, txt_, T));
+          });
+        }
       }
       state = at::Tensor();
       // the gradient products over the whole super-block, dR^ (+)= dS W^ and dW^ (+)= dS^T R^ (the
@@ -265,6 +289,7 @@ class Blocked {
 
  private:
   static constexpr int64_t kMinTasks = 16;       // forward tasks: split image blocks into runs below this many
+  static constexpr double kPartialBytes = double(32 << 20);  // "both" backward: at most this in dG partials
   static constexpr int64_t kGroupRows = 512;     // gradient products: output rows per task, at least
   // gradient products: features per task, whole rows up to this width (split at 512 features the
   // products of train-cpu took 8-10% longer on one thread: MKL repacks the other operand per chunk)
@@ -303,6 +328,17 @@ class Blocked {
       longest = std::max(longest, len[b]);
     }
     return plan_side(len, B, L, dev_.block_cap(images, valid, longest), dev_.block_cost());
+  }
+
+  // Tasks of the one-pass backward of "both" over super-block sb: groups of image blocks, at most
+  // kMinTasks and, when the captions' dG is wanted, as many as have partials of it within
+  // kPartialBytes (at least one); 0 for one direction. Shapes only, never threads.
+  int64_t both_groups(const BlockRange& sb, bool dg_txt) const {
+    if (o_.direction != kBoth) return 0;
+    int64_t groups = std::min(sb.i1 - sb.i0, kMinTasks);
+    if (dg_txt)
+      groups = std::min(groups, std::max<int64_t>(1, int64_t(kPartialBytes / (double(std::max<int64_t>(1, gram_entries(txt_))) * sizeof(C)))));
+    return groups;
   }
 
   // whether the whole grid's state and the backward's dS fit `budget` bytes

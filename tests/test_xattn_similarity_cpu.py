@@ -132,6 +132,17 @@ def test_dense_images_inference_any_row_scale(scale, direction):
                        ref(r32.double(), rl, w32.double(), wl, direction=direction), "scores")
 
 
+# ----------------------------------------------------------------------------- "both" backward paths
+# direction="both" back-propagates both directions in one pass over groups of image blocks (here
+# five, or one), with a partial of the captions' Gram gradients per group summed in group order.
+@pytest.mark.parametrize("b_img,n,b_txt,m", [(40, 7, 6, 5), (3, 4, 64, 32)], ids=["groups", "one-group"])
+def test_both_backward_paths_match_reference(b_img, n, b_txt, m):
+    regions, rl, words, wl = make_inputs(b_img, b_txt, n, m, 6, seed=23)
+    s, gr, gw = scores_and_grads(cpu, regions, rl, words, wl, direction="both")
+    s_ref, gr_ref, gw_ref = scores_and_grads(ref, regions, rl, words, wl, direction="both")
+    assert rel_err(s, s_ref) <= 1e-10 and rel_err(gr, gr_ref) <= 1e-10 and rel_err(gw, gw_ref) <= 1e-10
+
+
 # ----------------------------------------------------------------------------- autograd, opcheck
 @pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 3, 5, 10, 13, 16, 19, 22)], ids=option_id)
 def test_gradcheck(opts):
