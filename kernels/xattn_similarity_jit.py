@@ -27,7 +27,7 @@ import triton.language as tl
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp(x - max) and 0 * x free of NaN
 TINY = tl.constexpr(1000)  # exponent marker of a row whose norm is at most 1e-12
 NSP = tl.constexpr(64)  # query segments padded for the per-pair sums (an MMA's M is at least 64)
-CHAIN_ROWS = tl.constexpr(128)  # rows 8 warps take at 16 a warp: fewer, and a chained product loses (_own)
+CHAIN_ROWS = tl.constexpr(128)  # 8 warps x 16 rows: a tile of fewer rows breaks its product chains (_own)
 LEFT = tl.constexpr(0)  # _sdot forms: x @ oh
 RIGHT = tl.constexpr(1)  # oh @ x
 ROWSUM = tl.constexpr(2)  # oh @ x as (x^T @ oh^T)^T
@@ -105,9 +105,10 @@ def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr, r
     their rounding) and r = 0 for SPLIT = 3 (float32 inputs: the products are exact and the sums
     are float32 sums, as "ieee" products would give). The terms are multiplied by the 0/1 matrix
     exactly and accumulated in float32. EMU multiplies the same terms in float32 (for the
-    interpreter, whose bf16 dot is wrong). ``rt``: every product passes :func:`_own` (the
-    broadcasts, whose products are tile-sized; the interpreter has no layouts). (One function with
-    the split written out: the interpreter pays for every nested call.)"""
+    interpreter, whose bf16 dot is wrong). ``rt``: the LEFT and RIGHT products pass
+    :func:`_own` (the broadcasts give it: their products are tile-sized; the interpreter has no
+    layouts). (One function with the split written out: the interpreter pays for every nested
+    call.)"""
     t1 = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
     r = x - t1
     t2 = (r.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
