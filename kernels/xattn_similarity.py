@@ -83,7 +83,7 @@ train-gpu (128 x 128 at 8 warps, 255 registers, 96 KiB of shared memory), their 
 candidates and vit-patches (64 x 256 at 8 warps, 254 registers, 170 KiB), nor in the gradient
 GEMMs, the Gram-gradient GEMM and the prologues; the backward tile kernel spills 476 / 352 at
 train-gpu (128 x 64) and 724 / 636 at vit-patches (32 x 256); at most 170 KiB of shared memory.
-Estimated: eval about 2.3x the packed floor, train-gpu forward + backward about 5x,
+Estimated: eval about 2.3x the packed floor, train-gpu forward + backward about 6-7x,
 vit-patches about 5x (targets 1.5x and 2x). Memory: the forward needs the inputs, the Gram blocks (32 KiB a block) and the scores
 only, so eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
 
