@@ -566,7 +566,8 @@ MEFN_HOST_DEVICE void strip_backward(const T* S, int64_t lds, const T* L, int64_
 //   dP_k = c dE_k - c^2 P_k sum_k dE_k P_k / rho = c ((dE_k - P^_k q) + eps c P^_k q),
 // the projection form, which keeps the tiny true gradient of an item with one valid column
 // (E = +-1 for any P) instead of cancelling two large terms; P^ by division, so that for m = 1
-// P^ = +-1 exactly and the bracket cancels exactly. A zero row has P^ = 0. Adds dS += dP dP/dS
+// P^ = +-1 exactly and the bracket cancels exactly (for m > 1, by a multiplication with 1 / rho,
+// cheaper than a division a cell). A zero row has P^ = 0. Adds dS += dP dP/dS
 // on the m valid columns (with SIMD lanes, reads up to W - 1 entries past them and rewrites them
 // unchanged within `room`, like segment_scale).
 template <typename V, typename T>
@@ -574,14 +575,16 @@ MEFN_HOST_DEVICE void segment_clip_backward(const T* S, const T* dE, T rho, int6
   using Ln = Lanes<V>;
   const T r = rho > T(0) ? rho : T(1);
   const T on = rho > T(0) ? T(1) : T(0);
+  const T inv_r = T(1) / r;
+  // P^ of a lane: leaky(s) / r for one valid column, leaky(s) * (1 / r) for more
+  auto unit = [&](const V& s) { return m == 1 ? leaky<V, T>(s) / r : leaky<V, T>(s) * inv_r; };
   V qv = Ln::splat(T(0));
-  for (int64_t k = 0; k < m; k += Ln::W)
-    qv = qv + lanes_below(Ln::load(dE + k) * (on * (leaky<V, T>(Ln::load(S + k)) / r)), k, m);
+  for (int64_t k = 0; k < m; k += Ln::W) qv = qv + lanes_below(Ln::load(dE + k) * (on * unit(Ln::load(S + k))), k, m);
   const T q = lanes_sum(qv);
   const T c = T(1) / (rho + T(kClipEps));
   for (int64_t k = 0; k < m; k += Ln::W) {
     const V s = Ln::load(S + k);
-    const V pq = on * (leaky<V, T>(s) / r) * q;
+    const V pq = on * unit(s) * q;
     const V dP = c * ((Ln::load(dE + k) - pq) + T(kClipEps) * c * pq);
     const V x = Ln::load(dS + k) + lanes_below(sel_pos(s, dP, dP * T(kLeakySlope)), k, m);
     if (k + Ln::W <= room) Ln::store(dS + k, x);

@@ -99,12 +99,13 @@ struct CpuKernels {
   void (*pack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, T*, double*);
   void (*unpack_rows)(const T*, int64_t, const int64_t*, int64_t, int64_t, const T*, const double*, T*);
   void (*transpose)(T*, int64_t, const T*, int64_t, int64_t, int64_t, bool);
+  double (*row_norm)(const T*, int64_t);
 };
 
 #define MEFN_CPU_KERNELS(NS)                                                                             \
   CpuKernels<T> {                                                                                       \
     &NS::cpu::fwd_softmax<T>, &NS::cpu::fwd_attend_score<T>, &NS::cpu::bwd_epilogue<T>,                 \
-        &NS::cpu::pack_rows<T>, &NS::cpu::unpack_rows<T>, &NS::cpu::transpose<T>                        \
+        &NS::cpu::pack_rows<T>, &NS::cpu::unpack_rows<T>, &NS::cpu::transpose<T>, &NS::cpu::row_norm<T> \
   }
 
 // The instruction set of this machine's epilogue: AVX-512 or AVX2+FMA when the CPU has them,
@@ -251,6 +252,30 @@ struct CpuDev {
     at::parallel_for(q0, q1, 64, [&](int64_t a, int64_t b) {
       k.pack_rows(xp, d, p.src_row.data(), a, b, op + (a - q0) * d, np != nullptr ? np + (a - q0) : nullptr);
     });
+  }
+
+  // The caller's rows of a side can be the forward's GEMM operand when they need no packing (no
+  // padding, the caller's order) and their norms lie where the product of a raw row and a
+  // normalised one neither overflows nor loses precision (1e-18 to 1e18, or 0): then inv gets the
+  // inverse norms 1 / max(||x||, 1e-12) of the rows, by which the tile's rows are scaled, and the
+  // forward keeps no normalised copy of the side.
+  bool direct_rows(const at::Tensor& x, const SidePlan& p, at::Tensor& inv) {
+    if (p.rows != p.B * p.L) return false;
+    for (int64_t q = 0; q < p.rows; ++q)
+      if (p.src_row[q] != q) return false;
+    const int64_t d = x.size(2);
+    inv = at::empty({p.rows}, x.options());
+    const T* xp = x.data_ptr<T>();
+    T* ip = inv.data_ptr<T>();
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, p.rows, 64, [&](int64_t a, int64_t b) {
+      for (int64_t q = a; q < b; ++q) {
+        const double nrm = k.row_norm(xp + q * d, d);
+        if (nrm != 0 && !(nrm >= 1e-18 && nrm <= 1e18)) ok = false;
+        ip[q] = static_cast<T>(1.0 / std::max(nrm, kNormEps));
+      }
+    });
+    return ok;
   }
 
   // every row of grad (uninitialised): the valid ones from dX, the caller's padding rows 0

@@ -69,6 +69,9 @@ struct SimtDev {
     });
   }
 
+  // the forward always packs (in the input dtype, for tensor-core GEMMs): no direct rows
+  bool direct_rows(const at::Tensor&, const SidePlan&, at::Tensor&) const { return false; }
+
   // every row of grad: the valid ones from dX, the others 0
   void unpack_grad(const at::Tensor& x, const SidePlan& p, const SideMeta& meta, const at::Tensor& dX,
                    const at::Tensor& norms, at::Tensor& grad) {

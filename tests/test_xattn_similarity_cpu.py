@@ -100,6 +100,38 @@ def test_float32_forward_and_gradients_within_reference_error(shape, opts):
     _assert_fp32_close(gw, gw_ref, gw64, "grad words")
 
 
+# ----------------------------------------------------------------------------- dense image side
+# Inference with images of equal length (no padding) takes the cosine tile from the caller's rows
+# and scales its rows by the inverse norms, with no normalised copy; rows of extreme norm, and any
+# padded or ragged side, take the packed path. 40 images of 7 regions: several image blocks.
+@pytest.mark.parametrize("opts", OPTION_GRID, ids=option_id)
+def test_dense_images_inference_matches_reference(opts):
+    regions, _, words, wl = make_inputs(40, 6, 7, 5, 11, seed=21)
+    rl = torch.full((40,), 7)
+    regions[3, 2] = 0.0  # a zero row: norm 0, scaled like the packed path (x / 1e-12 = 0)
+    assert rel_err(cpu(regions, rl, words, wl, **opts), ref(regions, rl, words, wl, **opts)) <= 1e-10
+    r32, w32 = regions.float(), words.float()
+    _assert_fp32_close(cpu(r32, rl, w32, wl, **opts), ref(r32, rl, w32, wl, **opts),
+                       ref(regions, rl, words, wl, **opts), "scores")
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e-25, 1.0])
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_dense_images_inference_any_row_scale(scale, direction):
+    # rows beyond 1e18 or below 1e-18 in norm take the packed path, the others stay direct: either
+    # way the reference's scores (a row below the eps of 1e-12 is x / 1e-12, by definition)
+    regions, _, words, wl = make_inputs(12, 5, 6, 4, 9, seed=22)
+    rl = torch.full((12,), 6)
+    regions[5] *= scale
+    want = ref(regions, rl, words, wl, direction=direction)
+    assert rel_err(cpu(regions, rl, words, wl, direction=direction), want) <= 1e-10
+    r32, w32 = regions.float(), words.float()
+    got32 = cpu(r32, rl, w32, wl, direction=direction)
+    assert torch.isfinite(got32).all()
+    _assert_fp32_close(got32, ref(r32, rl, w32, wl, direction=direction),
+                       ref(r32.double(), rl, w32.double(), wl, direction=direction), "scores")
+
+
 # ----------------------------------------------------------------------------- autograd, opcheck
 @pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 3, 5, 10, 13, 16, 19, 22)], ids=option_id)
 def test_gradcheck(opts):
