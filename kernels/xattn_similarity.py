@@ -78,13 +78,13 @@ with Triton 3.8 (CI) and 3.6 (the GPU machine's), at the configurations the laun
 the GPU workloads (``tests/test_xattn_similarity_triton_compile.py``, which prints registers,
 spills, shared memory and wgmma use per kernel; its docstring holds the table and the estimated
 ratio to the packed floor per workload). In short (bytes of spill stores a thread, Triton 3.8 /
-3.6): wgmma in every forward; no spills in the forwards of eval-f30k-gpu, eval-coco5k-gpu and
+3.6): wgmma in every forward; no spills in any forward: eval-f30k-gpu, eval-coco5k-gpu and
 train-gpu (128 x 128 at 8 warps, 255 registers, 96 KiB of shared memory), their autotuning
-candidates, the gradient GEMMs, the Gram-gradient GEMM and the prologues; the ViT forward
-(64 x 256) spills 3660 / 3554, the backward tile kernel 476 / 352 at train-gpu (128 x 64) and
-1172 / 756 at vit-patches (32 x 256); at most 146 KiB of shared memory. Estimated: eval about
-2.3x the packed floor, train-gpu forward + backward about 5x, vit-patches about 4x (targets 1.5x
-and 2x). Memory: the forward needs the inputs, the Gram blocks (32 KiB a block) and the scores
+candidates and vit-patches (64 x 256 at 8 warps, 254 registers, 170 KiB), nor in the gradient
+GEMMs, the Gram-gradient GEMM and the prologues; the backward tile kernel spills 476 / 352 at
+train-gpu (128 x 64) and 724 / 636 at vit-patches (32 x 256); at most 170 KiB of shared memory.
+Estimated: eval about 2.3x the packed floor, train-gpu forward + backward about 6-7x,
+vit-patches about 5x (targets 1.5x and 2x). Memory: the forward needs the inputs, the Gram blocks (32 KiB a block) and the scores
 only, so eval-coco5k-gpu stays bounded (0.5 GiB of scores, 55 MiB of Gram blocks).
 
 Known risks
@@ -95,9 +95,11 @@ Known risks
 * Register pressure: the forward holds the 128 x 128 float32 tile (64 registers a thread at 8
   warps) and two tile-sized temporaries at its peak, at 255 registers, so a change to the
   epilogue can bring spills back (the compile test catches it). The ViT forward's 64-row tile
-  splits its columns over two warp groups and every context sum reshuffles them; the backward
-  tile kernel recomputes the forward and back-propagates in one program. The way on is in
-  ``docs/design.md``.
+  splits its columns over two warp groups, and keeps that layout in its broadcasts and ``G A``
+  only through a runtime branch on each product (Triton gives a product that feeds another all
+  the warps on M, which at 64 rows holds every tile value twice: see ``_own``); a Triton that
+  looks through branches would bring its spills back. The backward tile kernel recomputes the
+  forward and back-propagates in one program. The way on is in ``docs/design.md``.
 * ``direction="both"`` runs each direction on its own tiles: twice the products of a fused pass
   (forward, recomputation and gradient GEMMs), the price of tiles of 128 rows for both.
 * No warp specialisation in Triton 3.6 for Hopper: the tensor cores idle during the epilogue.

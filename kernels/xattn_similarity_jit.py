@@ -27,6 +27,7 @@ import triton.language as tl
 NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp(x - max) and 0 * x free of NaN
 TINY = tl.constexpr(1000)  # exponent marker of a row whose norm is at most 1e-12
 NSP = tl.constexpr(64)  # query segments padded for the per-pair sums (an MMA's M is at least 64)
+CHAIN_ROWS = tl.constexpr(128)  # 8 warps x 16 rows: a tile of fewer rows breaks its product chains (_own)
 LEFT = tl.constexpr(0)  # _sdot forms: x @ oh
 RIGHT = tl.constexpr(1)  # oh @ x
 ROWSUM = tl.constexpr(2)  # oh @ x as (x^T @ oh^T)^T
@@ -56,29 +57,44 @@ def _even_cols(y):
 
 
 @triton.jit
-def _sdot(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
+def _own(y, rt):
+    """y, passed through a branch on ``rt`` (None: y as it is; else a runtime float: a branch the
+    compiler cannot decide, y both ways). Triton gives a product whose result reaches another
+    product, however far on, all the warps on M (for FlashAttention's P @ V); a tile of fewer
+    rows than that (64 rows over 8 warps, ``CHAIN_ROWS``) then holds every tile-sized value in
+    both warp groups, twice the registers. The chain Triton follows ends at a branch, so a
+    product whose result passes one keeps the tile's layout (the ViT forward: 3.6 KB of spills
+    a thread without, none with)."""
+    if rt is not None:
+        if rt == rt:
+            y = y + 0.0
+    return y
+
+
+@triton.jit
+def _sdot(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr, rt=None):
     """:func:`_sdot16` for any output width: a product with N = 8 (eight segments) is computed
     with N = 16, every output column followed by a zero one. (An N = 8 product is an mma.sync in
     Triton 3.6, whose operand fragments of a whole tile, converted from the wgmma layout, spill.)"""
     if FORM == LEFT:
         if oh.shape[1] < 16:
-            return _even_cols(_sdot16(x, _pad_cols(oh), LEFT, SPLIT, EMU))
+            return _even_cols(_sdot16(x, _pad_cols(oh), LEFT, SPLIT, EMU, rt))
         else:
-            return _sdot16(x, oh, LEFT, SPLIT, EMU)
+            return _sdot16(x, oh, LEFT, SPLIT, EMU, rt)
     elif FORM == RIGHT:
         if x.shape[1] < 16:
-            return _even_cols(_sdot16(_pad_cols(x), oh, RIGHT, SPLIT, EMU))
+            return _even_cols(_sdot16(_pad_cols(x), oh, RIGHT, SPLIT, EMU, rt))
         else:
-            return _sdot16(x, oh, RIGHT, SPLIT, EMU)
+            return _sdot16(x, oh, RIGHT, SPLIT, EMU, rt)
     else:
         if oh.shape[0] < 16:
-            return tl.trans(_even_cols(tl.trans(_sdot16(x, tl.trans(_pad_cols(tl.trans(oh))), ROWSUM, SPLIT, EMU))))
+            return tl.trans(_even_cols(tl.trans(_sdot16(x, tl.trans(_pad_cols(tl.trans(oh))), ROWSUM, SPLIT, EMU, rt))))
         else:
-            return _sdot16(x, oh, ROWSUM, SPLIT, EMU)
+            return _sdot16(x, oh, ROWSUM, SPLIT, EMU, rt)
 
 
 @triton.jit
-def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
+def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr, rt=None):
     """Float32 data x times a 0/1 segment matrix oh (exact in any dtype) on tensor cores:
     x @ oh (FORM LEFT), oh @ x (RIGHT), or oh @ x computed as (x^T @ oh^T)^T (ROWSUM: a sum over
     the rows of a tile with M = 16 would be an mma.sync holding all its fragments in registers;
@@ -89,8 +105,10 @@ def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
     their rounding) and r = 0 for SPLIT = 3 (float32 inputs: the products are exact and the sums
     are float32 sums, as "ieee" products would give). The terms are multiplied by the 0/1 matrix
     exactly and accumulated in float32. EMU multiplies the same terms in float32 (for the
-    interpreter, whose bf16 dot is wrong). (One function with the split written out: the
-    interpreter pays for every nested call.)"""
+    interpreter, whose bf16 dot is wrong). ``rt``: the LEFT and RIGHT products pass
+    :func:`_own` (the broadcasts give it: their products are tile-sized; the interpreter has no
+    layouts). (One function with the split written out: the interpreter pays for every nested
+    call.)"""
     t1 = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
     r = x - t1
     t2 = (r.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
@@ -109,14 +127,14 @@ def _sdot16(x, oh, FORM: tl.constexpr, SPLIT: tl.constexpr, EMU: tl.constexpr):
     else:
         ob = oh.to(tl.bfloat16)
         if FORM == LEFT:
-            acc = tl.dot(t2.to(tl.bfloat16), ob, tl.dot(t1.to(tl.bfloat16), ob))
+            acc = _own(tl.dot(t2.to(tl.bfloat16), ob, _own(tl.dot(t1.to(tl.bfloat16), ob), rt)), rt)
             if SPLIT == 3:
-                acc = tl.dot(t3.to(tl.bfloat16), ob, acc)
+                acc = _own(tl.dot(t3.to(tl.bfloat16), ob, acc), rt)
             return acc
         elif FORM == RIGHT:
-            acc = tl.dot(ob, t2.to(tl.bfloat16), tl.dot(ob, t1.to(tl.bfloat16)))
+            acc = _own(tl.dot(ob, t2.to(tl.bfloat16), _own(tl.dot(ob, t1.to(tl.bfloat16)), rt)), rt)
             if SPLIT == 3:
-                acc = tl.dot(ob, t3.to(tl.bfloat16), acc)
+                acc = _own(tl.dot(ob, t3.to(tl.bfloat16), acc), rt)
             return acc
         else:
             obt = tl.trans(ob)
@@ -178,32 +196,33 @@ def _csum3(e, x, S, oh, SPLIT: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _cbc(Y, cseg, SPLIT: tl.constexpr, EMU: tl.constexpr):
+def _cbc(Y, cseg, SPLIT: tl.constexpr, EMU: tl.constexpr, rt):
     """Broadcast a small (rows, NC) tensor to the tile, each context item's value on its columns.
     tl.dot needs K >= 16: with NC = 8 every value is paired with a 0 (and the segment matrix with
-    a 0 row), (rows, 16) @ (16, BN)."""
+    a 0 row), (rows, 16) @ (16, BN). ``rt``: see :func:`_own`."""
     NC: tl.constexpr = Y.shape[1]
     if NC < 16:
         Yp = tl.reshape(tl.join(Y, Y * 0.0), (Y.shape[0], 2 * NC))
         k = tl.arange(0, 2 * NC)
         oh = tl.where(((k % 2) == 0)[:, None] & (cseg[None, :] == (k // 2)[:, None]), 1.0, 0.0)
-        return _sdot(Yp, oh, LEFT, SPLIT, EMU)
+        return _sdot(Yp, oh, LEFT, SPLIT, EMU, rt)
     else:
-        return _sdot(Y, tl.where(cseg[None, :] == tl.arange(0, NC)[:, None], 1.0, 0.0), LEFT, SPLIT, EMU)
+        return _sdot(Y, tl.where(cseg[None, :] == tl.arange(0, NC)[:, None], 1.0, 0.0), LEFT, SPLIT, EMU, rt)
 
 
 @triton.jit
-def _qbc(Y, qseg, SPLIT: tl.constexpr, EMU: tl.constexpr):
+def _qbc(Y, qseg, SPLIT: tl.constexpr, EMU: tl.constexpr, rt=None):
     """Broadcast an (NQ, n) tensor to the rows: row k gets row qseg[k] (0 where invalid). With
-    NQ = 8 the rows are interleaved with 0 rows to reach tl.dot's K >= 16."""
+    NQ = 8 the rows are interleaved with 0 rows to reach tl.dot's K >= 16. ``rt``: see
+    :func:`_own` (for a tile-sized result)."""
     NQ: tl.constexpr = Y.shape[0]
     if NQ < 16:
         Yp = tl.reshape(tl.permute(tl.join(Y, Y * 0.0), (0, 2, 1)), (2 * NQ, Y.shape[1]))
         k = tl.arange(0, 2 * NQ)
         oh = tl.where(((k % 2) == 0)[None, :] & (qseg[:, None] == (k // 2)[None, :]), 1.0, 0.0)
-        return _sdot(Yp, oh, RIGHT, SPLIT, EMU)
+        return _sdot(Yp, oh, RIGHT, SPLIT, EMU, rt)
     else:
-        return _sdot(Y, tl.where(qseg[:, None] == tl.arange(0, NQ)[None, :], 1.0, 0.0), RIGHT, SPLIT, EMU)
+        return _sdot(Y, tl.where(qseg[:, None] == tl.arange(0, NQ)[None, :], 1.0, 0.0), RIGHT, SPLIT, EMU, rt)
 
 
 @triton.jit
@@ -325,12 +344,13 @@ def _dir_forward(S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_
     """Scores (NQ, NC) of every (query item, context item) pair of the tile, and what the
     backward needs."""
     small0 = tl.full((S.shape[0], NC), 0.0, tl.float32)
+    rt = lam if S.shape[0] < CHAIN_ROWS else None  # see _own
     # ---- logits (step 3): clipped l2 norm over the query positions of each context row. (The
     # order below keeps few tile-sized values alive at once: each is 64 registers a thread.)
     if CLIP:
         n2 = _sdot(tl.where(S > 0, S * S, 0.01 * (S * S)), tl.trans(ohq), ROWSUM, SPLIT, EMU)  # (NQ, BN)
         inv_ne = 1.0 / (tl.sqrt(n2) + 1e-8)
-        x = tl.where(S > 0, S, 0.1 * S) * _qbc(lam * inv_ne, qseg, SPLIT, EMU)
+        x = tl.where(S > 0, S, 0.1 * S) * _qbc(lam * inv_ne, qseg, SPLIT, EMU, rt)
     else:
         n2 = small0
         inv_ne = small0
@@ -346,7 +366,7 @@ def _dir_forward(S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_
             hi = (m.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
             m = hi + ((m - hi).to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
         shift = tl.where(vsm, m, 0.0)
-        x = x - _cbc(shift, cseg, SPLIT, EMU)
+        x = x - _cbc(shift, cseg, SPLIT, EMU, rt)
     else:
         shift = small0 + lam
         x = x - lam
@@ -360,13 +380,13 @@ def _dir_forward(S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_
     rZ = 1.0 / Z
     SAx = SAx * rZ
     num = num * rZ
-    A = e * _cbc(rZ, cseg, SPLIT, EMU)
+    A = e * _cbc(rZ, cseg, SPLIT, EMU, rt)
     # ---- Gram form (step 5): G A on tensor cores, G block diagonal over the block's items (read
     # here, not earlier: it would hold 32 registers a thread until this product)
     jj = tl.arange(0, S.shape[1])
     G = tl.load(g_ptr + cb.to(tl.int64) * (S.shape[1] * S.shape[1]) + jj[:, None] * S.shape[1] + jj[None, :])
     Ag = A.to(GDT)
-    GA = tl.dot(Ag, G, input_precision=GPREC)
+    GA = _own(tl.dot(Ag, G, input_precision=GPREC), rt)
     # A A^T G in the Gram product's precision: from the same rounded A, so that the forward's
     # float32 A is dead here
     den2 = _sdot(Ag.to(tl.float32) * GA, ohc, LEFT, SPLIT, EMU)
@@ -440,6 +460,7 @@ def _dir_backward(S, g_ptr, g, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item
     score, n2, inv_ne, x, A, GA, logZ, shift, H, num, den, den2, R, w, p, inv_log_n, vsm, ohq_tp = _dir_forward(
         S, g_ptr, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item, c_len, cb, lam, tau, lam_lse,
         CLIP, MFE, LSE, EXACT_MAX, SPLIT, EMU, GDT, GPREC, NQ, NC)
+    rt = lam if S.shape[0] < CHAIN_ROWS else None  # see _own
     qseg = tl.load(q_seg + qb * S.shape[0] + tl.arange(0, S.shape[0]), volatile=True)
     gs = _qbc(g, qseg, SPLIT, EMU)
     # ---- per (query position, context item): back through steps 8 -> 5
@@ -461,36 +482,36 @@ def _dir_backward(S, g_ptr, g, ohq, qseg, cseg, q_seg, q_item, q_len, qb, c_item
     # dx = A (dA - sum_r A dA) - dH A (log A + H), dA = dnum S + 2 dden2 GA, sum_r A dA = dnum num
     # + 2 dden2 den2, log A = x - log Z (x shifted):  dx = A (dnum S + dd2 GA - dH x + beta)
     beta = -(dnum * num + dd2 * den2) + dH * (logZ - H)
-    t = _cbc(dd2, cseg, SPLIT, EMU) * GA + _cbc(beta, cseg, SPLIT, EMU)
-    t += _cbc(dnum, cseg, SPLIT, EMU) * S
+    t = _cbc(dd2, cseg, SPLIT, EMU, rt) * GA + _cbc(beta, cseg, SPLIT, EMU, rt)
+    t += _cbc(dnum, cseg, SPLIT, EMU, rt) * S
     if CLIP:
-        SC = _qbc(lam * inv_ne, qseg, SPLIT, EMU)
+        SC = _qbc(lam * inv_ne, qseg, SPLIT, EMU, rt)
         x = tl.where(S > 0, S, 0.1 * S) * SC
     else:
         x = lam * S
     if EXACT_MAX:
-        x = x - _cbc(shift, cseg, SPLIT, EMU)
+        x = x - _cbc(shift, cseg, SPLIT, EMU, rt)
     else:
         x = x - lam
-    t -= _cbc(dH, cseg, SPLIT, EMU) * x
+    t -= _cbc(dH, cseg, SPLIT, EMU, rt) * x
     dx = A * t
-    shift_t = _cbc(shift, cseg, SPLIT, EMU) if EXACT_MAX else lam
+    shift_t = _cbc(shift, cseg, SPLIT, EMU, rt) if EXACT_MAX else lam
     # ---- back through the logits (step 3): E = P inv_ne, x = lam E
     if CLIP:
         D = _sdot(dx * (x + shift_t), tl.trans(ohq), ROWSUM, SPLIT, EMU)  # sum over query positions of dE * E
         nrm = tl.sqrt(n2)
         c2 = tl.where(nrm > 0, D * inv_ne / tl.where(nrm > 0, nrm, 1.0), 0.0)
-        dP = dx * SC - tl.where(S > 0, S, 0.1 * S) * _qbc(c2, qseg, SPLIT, EMU)
+        dP = dx * SC - tl.where(S > 0, S, 0.1 * S) * _qbc(c2, qseg, SPLIT, EMU, rt)
         dS = tl.where(S > 0, dP, 0.1 * dP)
     else:
         dS = lam * dx
-    dS += _cbc(dnum, cseg, SPLIT, EMU) * A
+    dS += _cbc(dnum, cseg, SPLIT, EMU, rt) * A
     # ---- 2 dG = sum_k dd2_k A_k A_k^T: its factors (the product is a GEMM of its own)
     if GRAM_EXACT:
         gsc = 1.0
     else:
         gsc = _amax_all(dd2)  # scale into float16's range: A <= 1, |A dd2| <= max |dd2|
-    return dS, A, A * _cbc(dd2 / gsc, cseg, SPLIT, EMU), gsc
+    return dS, A, A * _cbc(dd2 / gsc, cseg, SPLIT, EMU, rt), gsc
 
 
 # --------------------------------------------------------------------------------------------
