@@ -7,7 +7,11 @@
 //      rows, entropies (Dev::fwd_softmax), then G E for every context item of the block as one
 //      batched GEMM (at::bmm), then the attended cosines, weights and scores (Dev::fwd_attend_score);
 //      "both" runs the i2t direction on the transposed tile.
-// Backward: the epilogue backward (Dev::bwd_epilogue) gives dS and E~ for dG += E~ E^T (bmm);
+// A device may let the inference forward multiply the caller's rows of a side that needs no
+// packing (Dev::direct_rows: the CPU op, for images of full length), the tile's rows then scaled
+// by the inverse norms before the epilogue: no normalised copy of that side is kept.
+// Backward: the epilogue backward (Dev::bwd_epilogue) gives dS and E~ for dG += E~ E^T (bmm),
+// "both" in one pass over the block pairs (partials of the captions' dG per group of image blocks);
 // the gradients are GEMMs, dR^ = dS W^ + 2 dG R^ and dW^ = dS^T R^ + 2 dG W^, each output block
 // accumulated by one owner in a fixed order, so results are bitwise identical for any number of
 // threads. The tiles live in "super-blocks" of at most a budget of bytes; when the whole grid fits
@@ -17,7 +21,7 @@
 // A device (Dev) supplies: the compute type C (float, or double on the CPU) and the GEMM operand
 // type of the packed rows; the block caps and the largest forward panel; for_tasks(n, work, f) (the CPU runs tasks on its
 // threads when the loop's work, in multiply-adds, is worth it; a GPU in order on the current stream); the packing of rows, the unpacking of gradients and a
-// transpose; the GEMMs (mm, bmm, gram, addmm); and the elementwise phases (fwd_softmax,
+// transpose; direct_rows; the GEMMs (mm, bmm, gram, addmm); and the elementwise phases (fwd_softmax,
 // fwd_attend_score, bwd_epilogue); empty(numel, options), the allocator of its big buffers. Only those
 // elementwise phases and the packing differ by device; this file is shared.
 #ifndef MEFN_XATTN_BLOCKED_H_
