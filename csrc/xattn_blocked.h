@@ -13,8 +13,8 @@
 // Backward: the epilogue backward (Dev::bwd_epilogue) gives dS and E~ for dG += E~ E^T (bmm),
 // "both" in one pass over the block pairs (partials of the captions' dG per group of image blocks);
 // the gradients are GEMMs, dR^ = dS W^ + 2 dG R^ and dW^ = dS^T R^ + 2 dG W^, each output block
-// accumulated by one owner in a fixed order, so results are bitwise identical for any number of
-// threads. The tiles live in "super-blocks" of at most a budget of bytes; when the whole grid fits
+// accumulated by one owner in a fixed order, so the op's reductions do not depend on the number of
+// threads (MKL's own threading of a product can, in the last bits: docs/design.md). The tiles live in "super-blocks" of at most a budget of bytes; when the whole grid fits
 // the budget, the forward under autograd keeps them (saved-tile mode) and the backward starts from
 // them instead of recomputing the tiles and G E.
 //
@@ -101,14 +101,17 @@ class Blocked {
   // Scores (B_img, B_txt) in C, in bounded memory: the image side is packed once; a task is a
   // caption block against a run of image blocks: it packs the caption block, takes the run's
   // column panel of the tile in one GEMM and runs the epilogue image block by image block.
-  at::Tensor forward() {
+  // allow_direct: the inference op's forward may take the image rows as given (Dev::direct_rows;
+  // its scores then round a little differently); the training forward always packs, so that its
+  // scores are the same bits whether or not the state fits the budget.
+  at::Tensor forward(bool allow_direct = true) {
     at::Tensor scores = at::empty({B_img_, B_txt_}, copts_);
     if (scores.numel() == 0) return scores;
     // the image rows: the caller's own when the device allows (a side with no padding, in the
     // caller's order), each row of the tile then scaled by its inverse norm before the epilogue;
     // otherwise a packed, normalised copy
     at::Tensor inv_img;
-    const bool direct = dev_.direct_rows(in_.regions, img_, inv_img);
+    const bool direct = allow_direct && dev_.direct_rows(in_.regions, img_, inv_img);
     at::Tensor R = direct ? in_.regions.view({img_.rows, d_}) : pack_side(in_.regions, img_, img_meta_, nullptr);
     at::Tensor G_img = o_.t2i() ? (direct ? grams(in_.regions, img_, &img_meta_) : grams(R, img_)) : at::Tensor();
     auto scale_rows = [&](const at::Tensor& tile, int64_t I, bool rows) {
@@ -173,7 +176,7 @@ class Blocked {
   // backward's dS; an empty tensor otherwise (the backward then recomputes it, one super-block at
   // a time).
   std::tuple<at::Tensor, at::Tensor> forward_saving(int64_t budget) {
-    if (B_img_ == 0 || B_txt_ == 0 || !fits(budget)) return {forward(), at::empty({0}, copts_)};
+    if (B_img_ == 0 || B_txt_ == 0 || !fits(budget)) return {forward(false), at::empty({0}, copts_)};
     at::Tensor scores = at::empty({B_img_, B_txt_}, copts_);
     at::Tensor saved = dev_.empty(saved_numel(), copts_);
     saved.narrow(0, saved_numel() - kTileSlack, kTileSlack).zero_();  // (the slack: no stale bits out)
@@ -235,16 +238,17 @@ class Blocked {
         // and dS tiles in cache. A task is a group of image blocks (fixed by the shapes); it owns
         // its images' dG and adds its captions' dG into a partial of its own, the partials then
         // summed in group order.
-        at::Tensor part = dg_txt ? at::zeros({groups, gram_entries(txt_)}, copts_) : at::Tensor();
-        const int64_t per = (sb.i1 - sb.i0 + groups - 1) / groups;
+        // (one group adds into dG itself)
+        at::Tensor part = dg_txt && groups > 1 ? at::zeros({groups, gram_entries(txt_)}, copts_) : at::Tensor();
+        const int64_t nb = sb.i1 - sb.i0;
         dev_.for_tasks(groups, tile_work_, [&](int64_t gi, Workspace& ws) {
-          for (int64_t I = sb.i0 + gi * per; I < std::min(sb.i1, sb.i0 + (gi + 1) * per); ++I)
+          for (int64_t I = sb.i0 + gi * nb / groups; I < sb.i0 + (gi + 1) * nb / groups; ++I)
             for (int64_t T = sb.t0; T < sb.t1; ++T) {
               t2i_pair(I, T, ws, dG_of(dg_img, dG_img, img_, I));
-              i2t_pair(I, T, ws, dg_txt ? gram_block(part[gi], txt_, T) : at::Tensor());
+              i2t_pair(I, T, ws, dG_of(dg_txt, groups > 1 ? part[gi] : dG_txt, txt_, T));
             }
         });
-        for (int64_t gi = 0; dg_txt && gi < groups; ++gi) dG_txt.add_(part[gi]);
+        for (int64_t gi = 0; part.defined() && gi < groups; ++gi) dG_txt.add_(part[gi]);
       } else {
         // one direction: t2i, each image block owns its rows of dS and its dG, in caption order;
         // or i2t, each caption block owns its dG and writes its dS^T into the tiles, in image order
@@ -336,7 +340,8 @@ class Blocked {
 
   // Tasks of the one-pass backward of "both" over super-block sb: groups of image blocks, at most
   // kMinTasks and, when the captions' dG is wanted, as many as have partials of it within
-  // kPartialBytes (at least one); 0 for one direction. Shapes only, never threads.
+  // kPartialBytes (at least one); 0 for one direction. Shapes only, never threads. (A super-block
+  // of few image blocks thus has few tasks: the parallelism of "both" is over image blocks.)
   int64_t both_groups(const BlockRange& sb, bool dg_txt) const {
     if (o_.direction != kBoth) return 0;
     int64_t groups = std::min(sb.i1 - sb.i0, kMinTasks);

@@ -219,9 +219,10 @@ struct CpuDev {
   SideMeta side_meta(const SidePlan& p) const { return {host_tensor(p.len), host_tensor(p.order), host_tensor(p.src_row)}; }
 
   // Tasks [0, n) handed out to the threads one at a time; f(task, workspace) with one workspace
-  // per thread. Every product inside runs on one thread (inside an OpenMP region MKL does not
-  // spawn threads of its own), whatever at::get_num_threads() is. A loop of less work than
-  // kSerialWork multiply-adds runs on the calling thread: a parallel region costs more.
+  // per thread. Inside the parallel region every product runs on its task's thread (MKL does not
+  // spawn threads of its own there). A loop of less work than kSerialWork multiply-adds runs on
+  // the calling thread, a parallel region costing more; MKL may thread its products there, which
+  // can change their last bits with the thread count (docs/design.md).
   static constexpr double kSerialWork = double(1 << 22);
   template <class F>
   void for_tasks(int64_t n, double work, F&& f) {
