@@ -14,9 +14,10 @@
 // "both" in one pass over the block pairs (partials of the captions' dG per group of image blocks);
 // the gradients are GEMMs, dR^ = dS W^ + 2 dG R^ and dW^ = dS^T R^ + 2 dG W^, each output block
 // accumulated by one owner in a fixed order, so the op's reductions do not depend on the number of
-// threads (MKL's own threading of a product can, in the last bits: docs/design.md). The tiles live in "super-blocks" of at most a budget of bytes; when the whole grid fits
-// the budget, the forward under autograd keeps them (saved-tile mode) and the backward starts from
-// them instead of recomputing the tiles and G E.
+// threads (MKL's own threading of a product can, in the last bits: docs/design.md). The tiles live
+// in "super-blocks" of at most a budget of bytes; when the whole grid fits the budget, the forward
+// under autograd keeps them (saved-tile mode) and the backward starts from them instead of
+// recomputing the tiles and G E.
 //
 // A device (Dev) supplies: the compute type C (float, or double on the CPU) and the GEMM operand
 // type of the packed rows; the block caps and the largest forward panel; for_tasks(n, work, f) (the CPU runs tasks on its
@@ -229,8 +230,9 @@ class Blocked {
         if (dGt.defined())
           dev_.baddbmm_t(dGt, view_of(j.D, tb.count, tb.len, ib.rows()), view_of(j.E, tb.count, tb.len, ib.rows()));
       };
-      auto dG_of = [](bool want, const at::Tensor& G, const SidePlan& p, int64_t b) {
-        return want ? gram_block(G, p, b) : at::Tensor();
+      // block b's Gram gradients inside G, or nothing when G is not wanted (undefined)
+      auto dG_of = [](const at::Tensor& G, const SidePlan& p, int64_t b) {
+        return G.defined() ? gram_block(G, p, b) : at::Tensor();
       };
       const int64_t groups = both_groups(sb, dg_txt);
       if (groups > 0) {
@@ -242,10 +244,11 @@ class Blocked {
         at::Tensor part = dg_txt && groups > 1 ? at::zeros({groups, gram_entries(txt_)}, copts_) : at::Tensor();
         const int64_t nb = sb.i1 - sb.i0;
         dev_.for_tasks(groups, tile_work_, [&](int64_t gi, Workspace& ws) {
+          const at::Tensor dG_txt_of_group = part.defined() ? part[gi] : dG_txt;
           for (int64_t I = sb.i0 + gi * nb / groups; I < sb.i0 + (gi + 1) * nb / groups; ++I)
             for (int64_t T = sb.t0; T < sb.t1; ++T) {
-              t2i_pair(I, T, ws, dG_of(dg_img, dG_img, img_, I));
-              i2t_pair(I, T, ws, dG_of(dg_txt, groups > 1 ? part[gi] : dG_txt, txt_, T));
+              t2i_pair(I, T, ws, dG_of(dG_img, img_, I));
+              i2t_pair(I, T, ws, dG_of(dG_txt_of_group, txt_, T));
             }
         });
         for (int64_t gi = 0; part.defined() && gi < groups; ++gi) dG_txt.add_(part[gi]);
@@ -255,13 +258,13 @@ class Blocked {
         if (o_.t2i()) {
           dev_.for_tasks(sb.i1 - sb.i0, tile_work_, [&](int64_t task, Workspace& ws) {
             const int64_t I = sb.i0 + task;
-            for (int64_t T = sb.t0; T < sb.t1; ++T) t2i_pair(I, T, ws, dG_of(dg_img, dG_img, img_, I));
+            for (int64_t T = sb.t0; T < sb.t1; ++T) t2i_pair(I, T, ws, dG_of(dG_img, img_, I));
           });
         }
         if (o_.i2t()) {
           dev_.for_tasks(sb.t1 - sb.t0, tile_work_, [&](int64_t task, Workspace& ws) {
             const int64_t T = sb.t0 + task;
-            for (int64_t I = sb.i0; I < sb.i1; ++I) i2t_pair(I, T, ws, dG_of(dg_txt, dG_txt, txt_, T));
+            for (int64_t I = sb.i0; I < sb.i1; ++I) i2t_pair(I, T, ws, dG_of(dG_txt, txt_, T));
           });
         }
       }
@@ -345,8 +348,10 @@ class Blocked {
   int64_t both_groups(const BlockRange& sb, bool dg_txt) const {
     if (o_.direction != kBoth) return 0;
     int64_t groups = std::min(sb.i1 - sb.i0, kMinTasks);
-    if (dg_txt)
-      groups = std::min(groups, std::max<int64_t>(1, int64_t(kPartialBytes / (double(std::max<int64_t>(1, gram_entries(txt_))) * sizeof(C)))));
+    if (dg_txt) {
+      const double partial_bytes = double(std::max<int64_t>(1, gram_entries(txt_))) * sizeof(C);
+      groups = std::min(groups, std::max<int64_t>(1, int64_t(kPartialBytes / partial_bytes)));
+    }
     return groups;
   }
 

@@ -143,6 +143,19 @@ def test_both_backward_paths_match_reference(b_img, n, b_txt, m):
     assert rel_err(s, s_ref) <= 1e-10 and rel_err(gr, gr_ref) <= 1e-10 and rel_err(gw, gw_ref) <= 1e-10
 
 
+@pytest.mark.parametrize("wrt", ["regions", "words"])
+@pytest.mark.parametrize("b_img,n,b_txt,m", [(40, 7, 6, 5), (3, 4, 64, 32)], ids=["groups", "one-group"])
+def test_both_backward_of_one_side_matches_reference(b_img, n, b_txt, m, wrt):
+    # the gradient of one side only (a frozen encoder on the other): no Gram gradients of the other
+    regions, rl, words, wl = make_inputs(b_img, b_txt, n, m, 6, seed=24)
+    grads = []
+    for fn in (cpu, ref):
+        r, w = regions.clone().requires_grad_(wrt == "regions"), words.clone().requires_grad_(wrt == "words")
+        s = fn(r, rl, w, wl, direction="both")
+        grads.append(torch.autograd.grad(s.sum(), r if wrt == "regions" else w)[0])
+    assert rel_err(*grads) <= 1e-10
+
+
 # ----------------------------------------------------------------------------- autograd, opcheck
 @pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 3, 5, 10, 13, 16, 19, 22)], ids=option_id)
 def test_gradcheck(opts):
