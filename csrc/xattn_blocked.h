@@ -13,16 +13,16 @@
 // Backward: the epilogue backward (Dev::bwd_epilogue) gives dS and E~ for dG += E~ E^T (bmm),
 // "both" in one pass over the block pairs (partials of the captions' dG per group of image blocks);
 // the gradients are GEMMs, dR^ = dS W^ + 2 dG R^ and dW^ = dS^T R^ + 2 dG W^, each output block
-// accumulated by one owner in a fixed order, so the op's reductions do not depend on the number of
-// threads (MKL's own threading of a product can, in the last bits: docs/design.md). The tiles live
+// accumulated by one owner in a fixed order, and each product runs on one thread, so the results do
+// not depend on the number of threads (docs/design.md). The tiles live
 // in "super-blocks" of at most a budget of bytes; when the whole grid fits the budget, the forward
 // under autograd keeps them (saved-tile mode) and the backward starts from them instead of
 // recomputing the tiles and G E.
 //
 // A device (Dev) supplies: the compute type C (float, or double on the CPU) and the GEMM operand
-// type of the packed rows; the block caps and the largest forward panel; for_tasks(n, work, f) (the CPU runs tasks on its
-// threads when the loop's work, in multiply-adds, is worth it; a GPU in order on the current stream); the packing of rows, the unpacking of gradients and a
-// transpose; direct_rows; the GEMMs (mm, bmm, gram, addmm); and the elementwise phases (fwd_softmax,
+// type of the packed rows; the block caps and the largest forward panel; for_tasks(n, f) (the CPU runs tasks on its
+// threads, each product on one thread; a GPU in order on the current stream); the packing of rows, the unpacking of
+// gradients and a transpose; direct_rows; the GEMMs (mm, bmm, gram, addmm); and the elementwise phases (fwd_softmax,
 // fwd_attend_score, bwd_epilogue); empty(numel, options), the allocator of its big buffers. Only those
 // elementwise phases and the packing differ by device; this file is shared.
 #ifndef MEFN_XATTN_BLOCKED_H_
@@ -88,7 +88,6 @@ class Blocked {
     txt_ = plan(in.wl_host, M_, false);
     img_meta_ = dev.side_meta(img_);
     txt_meta_ = dev.side_meta(txt_);
-    tile_work_ = double(img_.rows) * double(txt_.rows) * double(d_);
     copts_ = in.regions.options().dtype(c10::CppTypeToScalarType<C>::value);
     gopts_ = in.regions.options().dtype(dev.gemm_dtype(in.regions.scalar_type()));
   }
@@ -99,20 +98,19 @@ class Blocked {
   // the saved state of forward_saving: the whole grid as one super-block (and its slack)
   int64_t saved_numel() const { return sb_numel(whole()); }
 
-  // Scores (B_img, B_txt) in C, in bounded memory: the image side is packed once; a task is a
-  // caption block against a run of image blocks: it packs the caption block, takes the run's
-  // column panel of the tile in one GEMM and runs the epilogue image block by image block.
-  // allow_direct: the inference op's forward may take the image rows as given (Dev::direct_rows;
-  // its scores then round a little differently); the training forward always packs, so that its
-  // scores are the same bits whether or not the state fits the budget.
-  at::Tensor forward(bool allow_direct = true) {
+  // Scores (B_img, B_txt) in C, in bounded memory (the inference op): the image side is packed
+  // once; a task is a caption block against a run of image blocks: it packs the caption block,
+  // takes the run's column panel of the tile in one GEMM and runs the epilogue image block by
+  // image block. The image rows may be the caller's own (Dev::direct_rows; the scores then round
+  // a little differently from the training forward's).
+  at::Tensor forward() {
     at::Tensor scores = at::empty({B_img_, B_txt_}, copts_);
     if (scores.numel() == 0) return scores;
     // the image rows: the caller's own when the device allows (a side with no padding, in the
     // caller's order), each row of the tile then scaled by its inverse norm before the epilogue;
     // otherwise a packed, normalised copy
     at::Tensor inv_img;
-    const bool direct = allow_direct && dev_.direct_rows(in_.regions, img_, inv_img);
+    const bool direct = dev_.direct_rows(in_.regions, img_, inv_img);
     at::Tensor R = direct ? in_.regions.view({img_.rows, d_}) : pack_side(in_.regions, img_, img_meta_, nullptr);
     at::Tensor G_img = o_.t2i() ? (direct ? grams(in_.regions, img_, &img_meta_) : grams(R, img_)) : at::Tensor();
     auto scale_rows = [&](const at::Tensor& tile, int64_t I, bool rows) {
@@ -127,7 +125,7 @@ class Blocked {
     const int64_t want = std::min(nI(), std::max<int64_t>({1, (kMinTasks + nT() - 1) / nT(), by_size}));
     const int64_t chunk = (nI() + want - 1) / want;
     const int64_t runs = (nI() + chunk - 1) / chunk;
-    dev_.for_tasks(nT() * runs, tile_work_, [&](int64_t task, Workspace& ws) {
+    dev_.for_tasks(nT() * runs, [&](int64_t task, Workspace& ws) {
       const int64_t T = task / runs, I0 = (task % runs) * chunk, I1 = std::min(nI(), I0 + chunk);
       const SideBlock& tb = txt_.blocks[T];
       at::Tensor W = ws.get(kSlotPackT, tb.rows() * d_, gopts_).narrow(0, 0, tb.rows() * d_).view({tb.rows(), d_});
@@ -175,14 +173,18 @@ class Blocked {
   // The forward of a training step: the scores, and the state the backward needs (the grid as one
   // super-block: S, and G E per block pair and direction) when it fits `budget` bytes with the
   // backward's dS; an empty tensor otherwise (the backward then recomputes it, one super-block at
-  // a time).
+  // a time). Either way the same products (run_super_block), so the same scores for any budget.
   std::tuple<at::Tensor, at::Tensor> forward_saving(int64_t budget) {
-    if (B_img_ == 0 || B_txt_ == 0 || !fits(budget)) return {forward(false), at::empty({0}, copts_)};
     at::Tensor scores = at::empty({B_img_, B_txt_}, copts_);
+    if (B_img_ == 0 || B_txt_ == 0) return {scores, at::empty({0}, copts_)};
+    Packed pk = pack_both(false);
+    if (!fits(budget)) {
+      run_super_block(whole(), pk, nullptr, &scores);
+      return {scores, at::empty({0}, copts_)};
+    }
     at::Tensor saved = dev_.empty(saved_numel(), copts_);
     saved.narrow(0, saved_numel() - kTileSlack, kTileSlack).zero_();  // (the slack: no stale bits out)
-    Packed pk = pack_both(false);
-    run_super_block(whole(), pk, saved, &scores);
+    run_super_block(whole(), pk, &saved, &scores);
     return {scores, saved};
   }
 
@@ -203,7 +205,7 @@ class Blocked {
                    : super_blocks(img_, txt_, std::max<int64_t>(1, int64_t(double(budget) / bytes_per_entry())));
     for (const BlockRange& sb : sbs) {
       at::Tensor state = have_saved ? saved : dev_.empty(sb_numel(sb), copts_);
-      if (!have_saved) run_super_block(sb, pk, state, nullptr);
+      if (!have_saved) run_super_block(sb, pk, &state, nullptr);
       at::Tensor dS = dev_.empty(sb_entries(sb) + kTileSlack, copts_);
       at::Tensor S2 = sb_matrix(state, sb), dS2 = sb_matrix(dS, sb);
       const std::vector<int64_t> rec = record_offsets(sb);
@@ -243,7 +245,7 @@ class Blocked {
         // (one group adds into dG itself)
         at::Tensor part = dg_txt && groups > 1 ? at::zeros({groups, gram_entries(txt_)}, copts_) : at::Tensor();
         const int64_t nb = sb.i1 - sb.i0;
-        dev_.for_tasks(groups, tile_work_, [&](int64_t gi, Workspace& ws) {
+        dev_.for_tasks(groups, [&](int64_t gi, Workspace& ws) {
           const at::Tensor dG_txt_of_group = part.defined() ? part[gi] : dG_txt;
           for (int64_t I = sb.i0 + gi * nb / groups; I < sb.i0 + (gi + 1) * nb / groups; ++I)
             for (int64_t T = sb.t0; T < sb.t1; ++T) {
@@ -256,13 +258,13 @@ class Blocked {
         // one direction: t2i, each image block owns its rows of dS and its dG, in caption order;
         // or i2t, each caption block owns its dG and writes its dS^T into the tiles, in image order
         if (o_.t2i()) {
-          dev_.for_tasks(sb.i1 - sb.i0, tile_work_, [&](int64_t task, Workspace& ws) {
+          dev_.for_tasks(sb.i1 - sb.i0, [&](int64_t task, Workspace& ws) {
             const int64_t I = sb.i0 + task;
             for (int64_t T = sb.t0; T < sb.t1; ++T) t2i_pair(I, T, ws, dG_of(dG_img, img_, I));
           });
         }
         if (o_.i2t()) {
-          dev_.for_tasks(sb.t1 - sb.t0, tile_work_, [&](int64_t task, Workspace& ws) {
+          dev_.for_tasks(sb.t1 - sb.t0, [&](int64_t task, Workspace& ws) {
             const int64_t T = sb.t0 + task;
             for (int64_t I = sb.i0; I < sb.i1; ++I) i2t_pair(I, T, ws, dG_of(dG_txt, txt_, T));
           });
@@ -323,7 +325,7 @@ class Blocked {
       b = e;
     }
     const int64_t chunks = (d_ + kFeatureChunk - 1) / kFeatureChunk;
-    dev_.for_tasks(int64_t(groups.size()) * chunks, tile_work_, [&](int64_t task, Workspace& ws) {
+    dev_.for_tasks(int64_t(groups.size()) * chunks, [&](int64_t task, Workspace& ws) {
       const auto& g = groups[task / chunks];
       const int64_t f0 = (task % chunks) * kFeatureChunk;
       f(g.first, g.second, f0, std::min(kFeatureChunk, d_ - f0), ws);
@@ -400,7 +402,7 @@ class Blocked {
   // each block packed into the task's workspace first.
   at::Tensor grams(const at::Tensor& X, const SidePlan& p, const SideMeta* caller = nullptr) {
     at::Tensor G = dev_.empty(gram_entries(p), copts_);
-    dev_.for_tasks(p.blocks.size(), double(p.rows) * p.max_block_len * d_, [&](int64_t b, Workspace& ws) {
+    dev_.for_tasks(p.blocks.size(), [&](int64_t b, Workspace& ws) {
       const SideBlock& k = p.blocks[b];
       at::Tensor Xb;
       if (caller != nullptr) {
@@ -415,7 +417,7 @@ class Blocked {
   }
   // dX^_b += 2 dG_b X^_b for every item (bmm per block)
   void gram_backward(at::Tensor& dX, const at::Tensor& dG, const at::Tensor& X, const SidePlan& p) {
-    dev_.for_tasks(p.blocks.size(), double(p.rows) * p.max_block_len * d_, [&](int64_t b, Workspace& ws) {
+    dev_.for_tasks(p.blocks.size(), [&](int64_t b, Workspace& ws) {
       const SideBlock& k = p.blocks[b];
       dev_.baddbmm(dX.narrow(0, k.row0, k.rows()).view({k.count, k.len, d_}), gram_block(dG, p, b),
                    X.narrow(0, k.row0, k.rows()).view({k.count, k.len, d_}), C(2), ws);
@@ -430,8 +432,7 @@ class Blocked {
   }
 
   // Super-block storage: first S, one row-major matrix of the super-block's image rows x its caption
-  // rows (so that a run of image rows is one GEMM in the forward, and each gradient block one GEMM
-  // over the whole super-block), then per block pair (image-major) and direction its G E tile
+  // rows (so that each gradient block is one GEMM over the whole super-block), then per block pair (image-major) and direction its G E tile
   // (t2i: image rows x caption rows; i2t transposed), then kTileSlack entries of slack. dS, the
   // backward's, has S's layout. The backward recomputes the softmax from S, a cache-sized chunk at
   // a time (cheaper than keeping e and the logits: measured 1.85x and 2.6x the floor on train-cpu
@@ -483,31 +484,35 @@ class Blocked {
     dev_.fwd_attend_score(j);
   }
 
-  // The forward of a super-block into its state, and optionally the scores: a task is a run of
-  // image blocks, its rows of S one GEMM over the super-block's columns.
-  void run_super_block(const BlockRange& sb, const Packed& pk, at::Tensor& state, at::Tensor* scores) {
-    const int64_t r0 = img_.blocks[sb.i0].row0, c0 = txt_.blocks[sb.t0].row0;
-    const int64_t cols = txt_.row_end(sb.t1) - c0, nb = sb.i1 - sb.i0;
+  // The training forward of super-block sb: a task is a run of image blocks; each block pair's
+  // tile is a GEMM of its own, then the pair's epilogue. The products are thus the same whatever
+  // the super-block, and so are the scores and a recomputed state, bit for bit, for any budget
+  // (MKL's bits depend on a product's shape: on an AMD EPYC, float64 products on their columns).
+  // With a state, S and G E go into it (the saved tiles, or the backward's recomputation); without
+  // (a forward whose state does not fit the budget), into the task's workspace.
+  void run_super_block(const BlockRange& sb, const Packed& pk, at::Tensor* state, at::Tensor* scores) {
+    const int64_t nb = sb.i1 - sb.i0;
     const int64_t want = std::min(nb, std::max<int64_t>(1, kMinTasks));
     const int64_t chunk = (nb + want - 1) / want, runs = (nb + chunk - 1) / chunk;
-    at::Tensor S2 = sb_matrix(state, sb);
+    const at::Tensor S2 = state != nullptr ? sb_matrix(*state, sb) : at::Tensor();
     const std::vector<int64_t> rec = record_offsets(sb);
-    dev_.for_tasks(runs, tile_work_, [&](int64_t task, Workspace& ws) {
+    dev_.for_tasks(runs, [&](int64_t task, Workspace& ws) {
       const int64_t I0 = sb.i0 + task * chunk, I1 = std::min(sb.i1, I0 + chunk);
-      const int64_t a = img_.blocks[I0].row0, rows = img_.row_end(I1) - a;
-      dev_.mm(S2.narrow(0, a - r0, rows), pk.R.narrow(0, a, rows), pk.W.narrow(0, c0, cols));
       for (int64_t I = I0; I < I1; ++I) {
         const SideBlock& ib = img_.blocks[I];
         for (int64_t T = sb.t0; T < sb.t1; ++T) {
-          at::Tensor S = sb_tile(S2, sb, I, T);
-          if (o_.t2i())
-            epilogue_forward(true, I, T, S, cols, gram_block(pk.G_img, img_, I), pair_ge(state, rec, sb, I, T, true), ws,
-                             scores);
+          const SideBlock& tb = txt_.blocks[T];
+          at::Tensor S = state != nullptr ? sb_tile(S2, sb, I, T) : tile(ws, kSlotS, ib.rows(), tb.rows());
+          dev_.mm(S, pk.R.narrow(0, ib.row0, ib.rows()), pk.W.narrow(0, tb.row0, tb.rows()));
+          if (o_.t2i()) {
+            at::Tensor GE = state != nullptr ? pair_ge(*state, rec, sb, I, T, true) : tile(ws, kSlotGE0, ib.rows(), tb.rows());
+            epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I), GE, ws, scores);
+          }
           if (o_.i2t()) {
-            at::Tensor ST = tile(ws, kSlotST, txt_.blocks[T].rows(), ib.rows());
+            at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
             dev_.transpose(ST, S, false);
-            epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T),
-                             pair_ge(state, rec, sb, I, T, false), ws, scores);
+            at::Tensor GE = state != nullptr ? pair_ge(*state, rec, sb, I, T, false) : tile(ws, kSlotGE1, tb.rows(), ib.rows());
+            epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T), GE, ws, scores);
           }
         }
       }
@@ -574,7 +579,6 @@ class Blocked {
   SidePlan img_, txt_;
   SideMeta img_meta_, txt_meta_;
   at::TensorOptions copts_, gopts_;
-  double tile_work_ = 0;  // multiply-adds of the whole cosine tile (for_tasks' hint of a loop's work)
 };
 
 }  // namespace mefn

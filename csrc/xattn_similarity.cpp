@@ -15,8 +15,9 @@
 // kernels of csrc/cuda/ register for the CUDA key against the schemas declared here.
 //
 // Algorithm: the blocked algorithm of xattn_blocked.h (shared with the CUDA op), with this file's
-// CpuDev: MKL (through at::mm / at::bmm) for every product, called inside at::parallel_for so
-// that each GEMM runs on one thread and its result does not depend on the thread count; tasks
+// CpuDev: MKL (through at::mm / at::bmm) for every product, always called inside at::parallel_for
+// (with more than one thread) so that each GEMM runs on one thread and its result does not depend
+// on the thread count; tasks
 // handed out dynamically to the threads (each task owns its outputs, so the order does not
 // matter); and the elementwise epilogue of xattn_pair.h in csrc/xattn_cpu_epilogue.h on 16-float
 // SIMD strips, compiled three times (generic x86-64, AVX2+FMA, AVX-512) and picked at run time.
@@ -32,6 +33,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -50,7 +52,8 @@
 
 // The epilogue once more for AVX2+FMA and once for AVX-512, each in its own namespace
 // (mefn::avx2::mefn, mefn::avx512::mefn), chosen at run time when the CPU has it (the package is
-// built without -march flags, so the default copy is SSE2). Only the header's math and the CPU
+// built without -march flags, so the default copy is SSE2). Each copy's SIMD lanes are one register
+// of its instruction set wide (MEFN_HOST_LANE_BYTES: 16, 32, 64 bytes). Only the header's math and the CPU
 // loops are compiled under the target pragmas: no inline function shared with the default build
 // gets their code.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEFN_NO_ISA_DISPATCH)
@@ -60,6 +63,8 @@
 namespace mefn {
 namespace avx2 {
 #define MEFN_XATTN_PAIR_REINCLUDE
+#undef MEFN_HOST_LANE_BYTES
+#define MEFN_HOST_LANE_BYTES 32
 #include "xattn_pair.h"
 #include "xattn_cpu_epilogue.h"
 #undef MEFN_XATTN_PAIR_REINCLUDE
@@ -71,6 +76,8 @@ namespace avx2 {
 namespace mefn {
 namespace avx512 {
 #define MEFN_XATTN_PAIR_REINCLUDE
+#undef MEFN_HOST_LANE_BYTES
+#define MEFN_HOST_LANE_BYTES 64
 #include "xattn_pair.h"
 #include "xattn_cpu_epilogue.h"
 #undef MEFN_XATTN_PAIR_REINCLUDE
@@ -219,21 +226,25 @@ struct CpuDev {
   SideMeta side_meta(const SidePlan& p) const { return {host_tensor(p.len), host_tensor(p.order), host_tensor(p.src_row)}; }
 
   // Tasks [0, n) handed out to the threads one at a time; f(task, workspace) with one workspace
-  // per thread. Inside the parallel region every product runs on its task's thread (MKL does not
-  // spawn threads of its own there). A loop of less work than kSerialWork multiply-adds runs on
-  // the calling thread, a parallel region costing more; MKL may thread its products there, which
-  // can change their last bits with the thread count (docs/design.md).
-  static constexpr double kSerialWork = double(1 << 22);
+  // per thread. With more than one thread the tasks always run inside a parallel region, even a
+  // single one: there MKL runs every product on its task's thread, whereas outside one it may
+  // thread a product itself, and then (as measured on an AMD EPYC, even for products of 40
+  // features) its last bits change with the thread count. So the results do not depend on it.
   template <class F>
-  void for_tasks(int64_t n, double work, F&& f) {
+  void for_tasks(int64_t n, F&& f) {
     if (n <= 0) return;
-    if (n == 1 || work < kSerialWork || threads_ == 1) {
+    if (threads_ == 1) {
       for (int64_t task = 0; task < n; ++task) f(task, ws_[0]);
       return;
     }
     std::atomic<int64_t> next{0};
-    const int64_t threads = std::min<int64_t>(threads_, n);
+    // at least two threads, so that the region is active even for one task
+    const int64_t threads = std::max<int64_t>(2, std::min<int64_t>(threads_, n));
+    // the caller's thread-local dispatch state, for the products on the other threads: the op runs
+    // below autograd, whose kernels there would refuse inputs that require grad
+    const at::ThreadLocalState caller;
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(caller);
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t task = next++; task < n; task = next++) f(task, ws_[t]);
       }

@@ -55,7 +55,7 @@ struct SimtDev {
   // tasks in order, on the current stream, with one workspace for the whole call
   Workspace ws;
   template <class F>
-  void for_tasks(int64_t n, double, F&& f) {
+  void for_tasks(int64_t n, F&& f) {
     for (int64_t task = 0; task < n; ++task) f(task, ws);
   }
 

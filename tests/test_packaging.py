@@ -89,6 +89,22 @@ def other_series(version: str, minor_step: int = -1) -> str:
     return f"{major}.{minor + minor_step}.0"
 
 
+def test_the_kernels_folder_never_shadows_the_pypi_package_of_that_name(tmp_path):
+    # From the root of a checkout (python -m / -c there put the root on sys.path) the folder
+    # kernels/ (installed as mefn_fast.kernels) is importable as `kernels`, the name of Hugging
+    # Face's package that transformers 5 imports; it hands that name back to the package. A
+    # stand-in package of that name, found after the root on sys.path, plays the installed one.
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'the installed package'\n")
+    code = ("import kernels, mefn_fast.kernels as ours\n"
+            "from kernels import CUDAProperties\n"
+            "print(CUDAProperties, kernels.__file__ != ours.__file__)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = check([sys.executable, "-c", code], cwd=ROOT, env=env)
+    assert out.strip().endswith("the installed package True"), out
+
+
 def test_a_build_for_this_release_series_loads():
     assert build.extension_problem(record()) is None
     major_minor = re.match(r"\d+\.\d+", torch.__version__).group(0)

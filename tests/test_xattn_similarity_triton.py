@@ -96,8 +96,11 @@ WEIRD_OPTS = [OPTION_GRID[i] for i in (0, 11, 21)]  # t2i clip mfe mean; i2t cli
 @pytest.mark.parametrize("shape", WEIRD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("opts", WEIRD_OPTS, ids=option_id)
 def test_weird_shapes_fp32(shape, opts):
+    # 6x, not 4x: the interpreter's products run on numpy's BLAS, whose rounding differs by CPU; on
+    # an AMD EPYC the gradient of the regions at 2x7x37x2x20 (t2i) came out at 4.7x the reference's
+    # own error (3.4e-6 against 7.2e-7), where the Intel Xeon this project ran on before kept 4x
     regions, rl, words, wl = make_inputs(*shape, dtype=torch.float64, seed=sum(shape))
-    check_against_reference(regions, rl, words, wl, opts)
+    check_against_reference(regions, rl, words, wl, opts, factor=6.0)
 
 
 @pytest.mark.interpreter
