@@ -1,8 +1,8 @@
 // The CPU's loops over the epilogue phases of xattn_pair.h, and the CPU's packing, gradient
 // unpacking and transpose (csrc/xattn_similarity.cpp, the CpuDev of xattn_blocked.h).
 //
-// Strip functions run on 64-byte SIMD lanes (16 float or 8 double columns at a time, the
-// remainder column by column); segment functions once per (row, query item) on the same lanes,
+// Strip functions run on the SIMD lanes of the instruction set (xattn_pair.h: 16 float columns at a
+// time with AVX-512, 8 with AVX2, 4 with SSE2; half as many doubles), the remainder column by column; segment functions once per (row, query item) on the same lanes,
 // or once per query item. Every tile buffer has kTileSlack entries of slack at its end (the SIMD
 // segment functions read a little past a row, see xattn_pair.h).
 // Compiled once per instruction set, inside that set's namespace, like the math of xattn_pair.h
@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mefn {
@@ -257,37 +258,27 @@ void unpack_rows(const T* x, int64_t d, const int64_t* src_row, int64_t q0, int6
   }
 }
 
-// In-register transposes of a square of lanes (16 x 16 floats, 8 x 8 doubles): log2(W) stages,
-// each swapping the off-diagonal half-blocks of every pair of rows (two shuffles per pair).
-#define MEFN_UNPAREN(...) __VA_ARGS__
-// one stage: rows i and i + b (i without bit b) of the W x W square of lanes of type V
-#define MEFN_T(V, W, b, LO, HI)                                  \
-  for (int i = 0; i < W; ++i) {                                  \
-    if (i & b) continue;                                         \
-    const V a = r[i], c = r[i + b];                              \
-    r[i] = __builtin_shufflevector(a, c, MEFN_UNPAREN LO);       \
-    r[i + b] = __builtin_shufflevector(a, c, MEFN_UNPAREN HI);   \
+// In-register transpose of a square of W x W lanes: log2(W) stages; stage b swaps the
+// off-diagonal b x b blocks of every pair of rows i, i + b (i without bit b), two shuffles a pair.
+// Output lane l of the pair's first row: a[l] when l lacks bit b, else c[l - b]; of its second
+// row: a[l + b] when l lacks bit b, else c[l] (indices into the concatenation a, c).
+constexpr int transpose_lo(int W, int b, int l) { return (l & b) ? W + l - b : l; }
+constexpr int transpose_hi(int W, int b, int l) { return (l & b) ? W + l : l + b; }
+template <typename V, int W, int b, size_t... l>
+inline void transpose_stage(V* r, std::index_sequence<l...>) {
+  for (int i = 0; i < W; ++i) {
+    if (i & b) continue;
+    const V a = r[i], c = r[i + b];
+    r[i] = __builtin_shufflevector(a, c, transpose_lo(W, b, int(l))...);
+    r[i + b] = __builtin_shufflevector(a, c, transpose_hi(W, b, int(l))...);
   }
-inline void transpose_lanes(vfloat* r) {
-  MEFN_T(vfloat, 16, 8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
-                        (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-  MEFN_T(vfloat, 16, 4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
-                        (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
-  MEFN_T(vfloat, 16, 2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
-                        (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
-  MEFN_T(vfloat, 16, 1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
-                        (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
 }
-inline void transpose_lanes(vdouble* r) {
-  MEFN_T(vdouble, 8, 4, (0, 1, 2, 3, 8, 9, 10, 11),
-                        (4, 5, 6, 7, 12, 13, 14, 15))
-  MEFN_T(vdouble, 8, 2, (0, 1, 8, 9, 4, 5, 12, 13),
-                        (2, 3, 10, 11, 6, 7, 14, 15))
-  MEFN_T(vdouble, 8, 1, (0, 8, 2, 10, 4, 12, 6, 14),
-                        (1, 9, 3, 11, 5, 13, 7, 15))
+template <typename V, int b = Lanes<V>::W / 2>
+inline void transpose_lanes(V* r) {
+  constexpr int W = Lanes<V>::W;
+  transpose_stage<V, W, b>(r, std::make_index_sequence<W>{});
+  if constexpr (b > 1) transpose_lanes<V, b / 2>(r);
 }
-#undef MEFN_T
-#undef MEFN_UNPAREN
 
 // dst (cols x rows, row stride ldd) = (or +=) src (rows x cols, row stride lds) transposed: squares
 // of W x W lanes in registers, the ragged edges element by element.

@@ -49,16 +49,6 @@
 #define MEFN_SIMD_REDUCE(...) MEFN_PRAGMA_(omp simd reduction(__VA_ARGS__))
 #endif
 
-#ifndef __CUDACC__
-namespace mefn {
-// The host's SIMD lanes: 64-byte GCC vectors (16 floats, 8 doubles). The compiler lowers them to
-// whatever the enclosing target allows (one AVX-512 register, two AVX2 or four SSE2 registers), so
-// one source serves every instruction set the CPU op is compiled for.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef double vdouble __attribute__((vector_size(64)));
-typedef int32_t vint32 __attribute__((vector_size(64)));
-}  // namespace mefn
-#endif
 
 namespace mefn {
 
@@ -194,16 +184,27 @@ MEFN_HOST_DEVICE float sel_lt(float a, float b, float x, float y) { return a < b
 MEFN_HOST_DEVICE int32_t sel_lt_int(float a, float b, int32_t x, int32_t y) { return a < b ? x : y; }
 #endif
 #ifndef __CUDACC__
+// The host's SIMD lanes: GCC vectors as wide as the instruction set this copy of the math is
+// compiled for (MEFN_HOST_LANE_BYTES, defined by the including file: 64 bytes for AVX-512, 32 for
+// AVX2, 16 for the default SSE2 copy), so that one lane vector is one register and the strip
+// loops keep their values in registers (a vector twice a register's width, lowered to pairs of
+// AVX2 registers, measured spilling to the stack in the softmax loops).
+#ifndef MEFN_HOST_LANE_BYTES
+#define MEFN_HOST_LANE_BYTES 16
+#endif
+typedef float vfloat __attribute__((vector_size(MEFN_HOST_LANE_BYTES)));
+typedef double vdouble __attribute__((vector_size(MEFN_HOST_LANE_BYTES)));
+typedef int32_t vint32 __attribute__((vector_size(MEFN_HOST_LANE_BYTES)));
 template <> struct Lanes<vfloat> {
   using T = float;
-  static constexpr int W = 16;
+  static constexpr int W = int(sizeof(vfloat) / sizeof(float));
   static inline vfloat load(const float* p) { vfloat v; memcpy(&v, p, sizeof v); return v; }
   static inline void store(float* p, vfloat v) { memcpy(p, &v, sizeof v); }
   static inline vfloat splat(float x) { return vfloat{} + x; }
 };
 template <> struct Lanes<vdouble> {
   using T = double;
-  static constexpr int W = 8;
+  static constexpr int W = int(sizeof(vdouble) / sizeof(double));
   static inline vdouble load(const double* p) { vdouble v; memcpy(&v, p, sizeof v); return v; }
   static inline void store(double* p, vdouble v) { memcpy(p, &v, sizeof v); }
   static inline vdouble splat(double x) { return vdouble{} + x; }
@@ -213,33 +214,32 @@ template <typename T> struct HostLanes;
 template <> struct HostLanes<float> { using V = vfloat; };
 template <> struct HostLanes<double> { using V = vdouble; };
 
-inline vfloat lanes_below(vfloat x, int64_t k, int64_t m) {
-  const vfloat idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return idx < float(m - k) ? x : vfloat{};
+// the lane indices 0, 1, ..., W - 1
+template <typename V>
+inline V lane_index() {
+  V idx{};
+  for (int i = 0; i < Lanes<V>::W; ++i) idx[i] = i;
+  return idx;
 }
-inline vdouble lanes_below(vdouble x, int64_t k, int64_t m) {
-  const vdouble idx = {0, 1, 2, 3, 4, 5, 6, 7};
-  return idx < double(m - k) ? x : vdouble{};
-}
+inline vfloat lanes_below(vfloat x, int64_t k, int64_t m) { return lane_index<vfloat>() < float(m - k) ? x : vfloat{}; }
+inline vdouble lanes_below(vdouble x, int64_t k, int64_t m) { return lane_index<vdouble>() < double(m - k) ? x : vdouble{}; }
 inline void lanes_store_first(float* p, vfloat x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = x[i];
 }
 inline void lanes_store_first(double* p, vdouble x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = x[i];
 }
-inline float lanes_sum(vfloat v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+// the sum of the lanes in a fixed tree (lane i + lane i + W/2, then halves again)
+template <typename V, typename T = typename Lanes<V>::T>
+inline T lanes_tree_sum(V v) {
+  T a[Lanes<V>::W];
+  memcpy(a, &v, sizeof a);
+  for (int h = Lanes<V>::W / 2; h > 0; h /= 2)
+    for (int i = 0; i < h; ++i) a[i] += a[i + h];
+  return a[0];
 }
-inline double lanes_sum(vdouble v) {
-  typedef double v4 __attribute__((vector_size(32)));
-  const v4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  return (a[0] + a[2]) + (a[1] + a[3]);
-}
+inline float lanes_sum(vfloat v) { return lanes_tree_sum(v); }
+inline double lanes_sum(vdouble v) { return lanes_tree_sum(v); }
 inline vfloat m_max(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vdouble m_max(vdouble a, vdouble b) { return a > b ? a : b; }
 inline vfloat sel_pos(vfloat c, vfloat a, vfloat b) { return c > 0.0f ? a : b; }
@@ -251,21 +251,21 @@ inline vfloat lanes_from_bits(vint32 i) { vfloat x; memcpy(&x, &i, sizeof x); re
 inline vint32 lanes_to_int(vfloat x) { return __builtin_convertvector(x, vint32); }
 inline vfloat lanes_to_float(vint32 i) { return __builtin_convertvector(i, vfloat); }
 inline vfloat m_sqrt(vfloat x) {
-  for (int i = 0; i < 16; ++i) x[i] = __builtin_sqrtf(x[i]);
+  for (int i = 0; i < Lanes<vfloat>::W; ++i) x[i] = __builtin_sqrtf(x[i]);
   return x;
 }
 inline vdouble m_sqrt(vdouble x) {
-  for (int i = 0; i < 8; ++i) x[i] = __builtin_sqrt(x[i]);
+  for (int i = 0; i < Lanes<vdouble>::W; ++i) x[i] = __builtin_sqrt(x[i]);
   return x;
 }
 // float64 lanes take libm's exp and log one lane at a time (exact to the last bit matters more
 // there than speed)
 inline vdouble m_exp_nonpos(vdouble x) {
-  for (int i = 0; i < 8; ++i) x[i] = exp(x[i]);
+  for (int i = 0; i < Lanes<vdouble>::W; ++i) x[i] = exp(x[i]);
   return x;
 }
 inline vdouble m_log_ge1(vdouble x) {
-  for (int i = 0; i < 8; ++i) x[i] = log(x[i]);
+  for (int i = 0; i < Lanes<vdouble>::W; ++i) x[i] = log(x[i]);
   return x;
 }
 #endif
