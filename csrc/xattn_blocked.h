@@ -94,9 +94,8 @@ class Blocked {
 
   int64_t nI() const { return img_.blocks.size(); }
   int64_t nT() const { return txt_.blocks.size(); }
-  int ndir() const { return o_.direction == kBoth ? 2 : 1; }
-  // the saved state of forward_saving: the whole grid as one super-block (and its slack)
-  int64_t saved_numel() const { return sb_numel(whole()); }
+  // the saved state of forward_saving: S of the whole grid (and its slack)
+  int64_t saved_numel() const { return sb_entries(whole()) + kTileSlack; }
 
   // Scores (B_img, B_txt) in C, in bounded memory (the inference op): the image side is packed
   // once; a task is a caption block against a run of image blocks: it packs the caption block,
@@ -170,15 +169,16 @@ class Blocked {
     return scores;
   }
 
-  // The forward of a training step: the scores, and the state the backward needs (the grid as one
-  // super-block: S, and G E per block pair and direction) when it fits `budget` bytes with the
-  // backward's dS; an empty tensor otherwise (the backward then recomputes it, one super-block at
-  // a time). Either way the same products (run_super_block), so the same scores for any budget.
+  // The forward of a training step: the scores, and the state the backward needs, the cosine
+  // tiles S of the whole grid (one matrix), when it takes at most kSavedShare of `budget` bytes
+  // (the rest is the backward's, for dS); an empty tensor otherwise (the backward then recomputes
+  // S, one super-block at a time). Either way the same products (run_super_block), so the same
+  // scores for any budget.
   std::tuple<at::Tensor, at::Tensor> forward_saving(int64_t budget) {
     at::Tensor scores = at::empty({B_img_, B_txt_}, copts_);
     if (B_img_ == 0 || B_txt_ == 0) return {scores, at::empty({0}, copts_)};
     Packed pk = pack_both(false);
-    if (!fits(budget)) {
+    if (!saves(budget)) {
       run_super_block(whole(), pk, nullptr, &scores);
       return {scores, at::empty({0}, copts_)};
     }
@@ -199,35 +199,43 @@ class Blocked {
     const bool dg_img = o_.t2i() && grad_regions != nullptr, dg_txt = o_.i2t() && grad_words != nullptr;
     at::Tensor dG_img = dg_img ? at::zeros({gram_entries(img_)}, copts_) : at::Tensor();
     at::Tensor dG_txt = dg_txt ? at::zeros({gram_entries(txt_)}, copts_) : at::Tensor();
+    // super-blocks of dS within what the saved S leaves of the budget, or of S and dS
     const bool have_saved = saved.numel() > 0;
-    std::vector<BlockRange> sbs =
-        have_saved ? std::vector<BlockRange>{whole()}
-                   : super_blocks(img_, txt_, std::max<int64_t>(1, int64_t(double(budget) / bytes_per_entry())));
+    const double left = have_saved ? double(budget) - double(sb_entries(whole())) * sizeof(C) : double(budget);
+    const std::vector<BlockRange> sbs =
+        super_blocks(img_, txt_, std::max<int64_t>(1, int64_t(left / ((have_saved ? 1 : 2) * sizeof(C)))));
     for (const BlockRange& sb : sbs) {
-      at::Tensor state = have_saved ? saved : dev_.empty(sb_numel(sb), copts_);
+      // S: the saved grid's, or the super-block's recomputed
+      at::Tensor state = have_saved ? saved : dev_.empty(sb_entries(sb) + kTileSlack, copts_);
       if (!have_saved) run_super_block(sb, pk, &state, nullptr);
+      const BlockRange& ssb = have_saved ? whole() : sb;  // the block range of S's matrix
+      const at::Tensor S2 = sb_matrix(state, ssb);
       at::Tensor dS = dev_.empty(sb_entries(sb) + kTileSlack, copts_);
-      at::Tensor S2 = sb_matrix(state, sb), dS2 = sb_matrix(dS, sb);
-      const std::vector<int64_t> rec = record_offsets(sb);
+      at::Tensor dS2 = sb_matrix(dS, sb);
       const C* g = grad.template data_ptr<C>();
-      // the epilogue backward of block pair (I, T), t2i: its dS into the pair's tile of dS, the
-      // image block's dG += E~ E^T into dGi (when defined)
+      // the epilogue backward of block pair (I, T), t2i: G E again, then its dS into the pair's
+      // tile of dS, the image block's dG += E~ E^T into dGi (when defined)
       auto t2i_pair = [&](int64_t I, int64_t T, Workspace& ws, const at::Tensor& dGi) {
         const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
-        EpilogueJob<C> j = job(true, I, T, sb_tile(S2, sb, I, T), ws, 0);
-        backward_job(true, j, state, rec, sb, I, T, ws, g, sb_tile(dS2, sb, I, T));
+        const at::Tensor S = sb_tile(S2, ssb, I, T);
+        const at::Tensor GE = tile(ws, kSlotGE0, ib.rows(), tb.rows());
+        epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I), GE, ws, nullptr);
+        EpilogueJob<C> j = job(true, I, T, S, ws, 0);
+        backward_job(true, j, GE, ws, g, sb_tile(dS2, sb, I, T));
         if (dGi.defined())
           dev_.baddbmm_t(dGi, view_of(j.D, ib.count, ib.len, tb.rows()), view_of(j.E, ib.count, ib.len, tb.rows()));
       };
-      // i2t, on the transposed tile: its dS^T added into the pair's tile (written, i2t alone), the
-      // caption block's dG into dGt (when defined)
+      // i2t, on the transposed tile: G E again, its dS^T added into the pair's tile (written, i2t
+      // alone), the caption block's dG into dGt (when defined)
       auto i2t_pair = [&](int64_t I, int64_t T, Workspace& ws, const at::Tensor& dGt) {
         const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
         at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
-        dev_.transpose(ST, sb_tile(S2, sb, I, T), false);
+        dev_.transpose(ST, sb_tile(S2, ssb, I, T), false);
+        const at::Tensor GE = tile(ws, kSlotGE1, tb.rows(), ib.rows());
+        epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T), GE, ws, nullptr);
         EpilogueJob<C> j = job(false, I, T, ST, ws, 1);
         at::Tensor dST = tile(ws, kSlotDST, tb.rows(), ib.rows());
-        backward_job(false, j, state, rec, sb, I, T, ws, g, dST);
+        backward_job(false, j, GE, ws, g, dST);
         dev_.transpose(sb_tile(dS2, sb, I, T), dST, o_.t2i());
         if (dGt.defined())
           dev_.baddbmm_t(dGt, view_of(j.D, tb.count, tb.len, ib.rows()), view_of(j.E, tb.count, tb.len, ib.rows()));
@@ -302,6 +310,7 @@ class Blocked {
 
  private:
   static constexpr int64_t kMinTasks = 16;       // forward tasks: split image blocks into runs below this many
+  static constexpr double kSavedShare = 0.75;    // the training forward keeps S within this share of the budget
   static constexpr double kPartialBytes = double(32 << 20);  // "both" backward: at most this in dG partials
   static constexpr int64_t kGroupRows = 512;     // gradient products: output rows per task, at least
   // gradient products: features per task, whole rows up to this width (split at 512 features the
@@ -357,13 +366,9 @@ class Blocked {
     return groups;
   }
 
-  // whether the whole grid's state and the backward's dS fit `budget` bytes
-  bool fits(int64_t budget) const {
-    return double(sb_numel(whole()) + sb_entries(whole())) * double(sizeof(C)) <= double(budget);
-  }
-  // bytes of state and dS per tile entry (of the whole grid: the super-blocks' sizing)
-  double bytes_per_entry() const {
-    return double(sb_numel(whole()) + sb_entries(whole())) * double(sizeof(C)) / double(std::max<int64_t>(1, sb_entries(whole())));
+  // whether the training forward keeps the whole grid's S: at most kSavedShare of `budget` bytes
+  bool saves(int64_t budget) const {
+    return double(saved_numel()) * double(sizeof(C)) <= kSavedShare * double(budget);
   }
   BlockRange whole() const { return {0, nI(), 0, nT()}; }
 
@@ -431,21 +436,13 @@ class Blocked {
     return at::from_blob(p, {a, b, c}, copts_);
   }
 
-  // Super-block storage: first S, one row-major matrix of the super-block's image rows x its caption
-  // rows (so that each gradient block is one GEMM over the whole super-block), then per block pair (image-major) and direction its G E tile
-  // (t2i: image rows x caption rows; i2t transposed), then kTileSlack entries of slack. dS, the
-  // backward's, has S's layout. The backward recomputes the softmax from S, a cache-sized chunk at
-  // a time (cheaper than keeping e and the logits: measured 1.85x and 2.6x the floor on train-cpu
-  // and vit-patches with them kept, 1.86x and 2.25x without).
-  int64_t pair_state_size(int64_t I, int64_t T) const { return ndir() * img_.blocks[I].rows() * txt_.blocks[T].rows(); }
-  // offsets of the block pairs' G E tiles (image-major), and where the last one ends
-  std::vector<int64_t> record_offsets(const BlockRange& sb) const {
-    std::vector<int64_t> off(1, sb_entries(sb));
-    for (int64_t I = sb.i0; I < sb.i1; ++I)
-      for (int64_t T = sb.t0; T < sb.t1; ++T) off.push_back(off.back() + pair_state_size(I, T));
-    return off;
-  }
-  int64_t sb_numel(const BlockRange& sb) const { return record_offsets(sb).back() + kTileSlack; }
+  // The state of a super-block is S, one row-major matrix of its image rows x its caption rows
+  // (so that each gradient block is one GEMM over the whole super-block), then kTileSlack entries
+  // of slack; dS, the backward's, has its layout. The backward recomputes the softmax and G E of
+  // each block pair from S, a cache-sized chunk at a time (G E for the pair as one batched GEMM):
+  // keeping them would take three times the memory per entry (S, and G E in each direction), and
+  // keeping e and the logits measured no faster (1.85x and 2.6x the floor on train-cpu and
+  // vit-patches with them kept, 1.86x and 2.25x without, on an Intel Xeon).
   int64_t sb_entries(const BlockRange& sb) const {
     return (img_.row_end(sb.i1) - img_.blocks[sb.i0].row0) * (txt_.row_end(sb.t1) - txt_.blocks[sb.t0].row0);
   }
@@ -459,14 +456,6 @@ class Blocked {
     const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
     return M.narrow(0, ib.row0 - img_.blocks[sb.i0].row0, ib.rows()).narrow(1, tb.row0 - txt_.blocks[sb.t0].row0, tb.rows());
   }
-  // the G E tile of block pair (I, T) in one direction (contiguous)
-  at::Tensor pair_ge(const at::Tensor& buf, const std::vector<int64_t>& rec, const BlockRange& sb, int64_t I, int64_t T,
-                     bool t2i) const {
-    const int64_t r = img_.blocks[I].rows(), c = txt_.blocks[T].rows();
-    const int64_t off = rec[(I - sb.i0) * (sb.t1 - sb.t0) + (T - sb.t0)] + (!t2i && o_.t2i() ? r * c : 0);
-    return buf.narrow(0, off, r * c).view({t2i ? r : c, t2i ? c : r});
-  }
-
   // The forward epilogue of image block I x caption block T in one direction, on S (context rows x
   // query columns, row stride lds): G E into GE (contiguous), scores into *scores when not null.
   void epilogue_forward(bool t2i, int64_t I, int64_t T, const at::Tensor& S, int64_t lds, const at::Tensor& G,
@@ -485,17 +474,16 @@ class Blocked {
   }
 
   // The training forward of super-block sb: a task is a run of image blocks; each block pair's
-  // tile is a GEMM of its own, then the pair's epilogue. The products are thus the same whatever
-  // the super-block, and so are the scores and a recomputed state, bit for bit, for any budget
-  // (MKL's bits depend on a product's shape: on an AMD EPYC, float64 products on their columns).
-  // With a state, S and G E go into it (the saved tiles, or the backward's recomputation); without
-  // (a forward whose state does not fit the budget), into the task's workspace.
+  // tile is a GEMM of its own, then (with scores) the pair's epilogue. The products are thus the
+  // same whatever the super-block, and so are the scores and a recomputed S, bit for bit, for any
+  // budget (MKL's bits depend on a product's shape: on an AMD EPYC, float64 products on their
+  // columns). S goes into *state when given (the saved tiles, or the backward's recomputation,
+  // which needs no epilogue), else into the task's workspace.
   void run_super_block(const BlockRange& sb, const Packed& pk, at::Tensor* state, at::Tensor* scores) {
     const int64_t nb = sb.i1 - sb.i0;
     const int64_t want = std::min(nb, std::max<int64_t>(1, kMinTasks));
     const int64_t chunk = (nb + want - 1) / want, runs = (nb + chunk - 1) / chunk;
     const at::Tensor S2 = state != nullptr ? sb_matrix(*state, sb) : at::Tensor();
-    const std::vector<int64_t> rec = record_offsets(sb);
     dev_.for_tasks(runs, [&](int64_t task, Workspace& ws) {
       const int64_t I0 = sb.i0 + task * chunk, I1 = std::min(sb.i1, I0 + chunk);
       for (int64_t I = I0; I < I1; ++I) {
@@ -504,27 +492,27 @@ class Blocked {
           const SideBlock& tb = txt_.blocks[T];
           at::Tensor S = state != nullptr ? sb_tile(S2, sb, I, T) : tile(ws, kSlotS, ib.rows(), tb.rows());
           dev_.mm(S, pk.R.narrow(0, ib.row0, ib.rows()), pk.W.narrow(0, tb.row0, tb.rows()));
-          if (o_.t2i()) {
-            at::Tensor GE = state != nullptr ? pair_ge(*state, rec, sb, I, T, true) : tile(ws, kSlotGE0, ib.rows(), tb.rows());
-            epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I), GE, ws, scores);
-          }
+          if (scores == nullptr) continue;
+          if (o_.t2i())
+            epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I),
+                             tile(ws, kSlotGE0, ib.rows(), tb.rows()), ws, scores);
           if (o_.i2t()) {
             at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
             dev_.transpose(ST, S, false);
-            at::Tensor GE = state != nullptr ? pair_ge(*state, rec, sb, I, T, false) : tile(ws, kSlotGE1, tb.rows(), ib.rows());
-            epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T), GE, ws, scores);
+            epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T),
+                             tile(ws, kSlotGE1, tb.rows(), ib.rows()), ws, scores);
           }
         }
       }
     });
   }
 
-  // The epilogue backward of block pair (I, T) in job j's direction, with its G E from the
-  // super-block's state: the softmax again from S, then dS into dS (the job's S layout), E~ into j.D.
-  void backward_job(bool t2i, EpilogueJob<C>& j, const at::Tensor& state, const std::vector<int64_t>& rec,
-                    const BlockRange& sb, int64_t I, int64_t T, Workspace& ws, const C* grad, const at::Tensor& dS) {
+  // The epilogue backward of a block pair in job j's direction, with its G E: the softmax again
+  // from S, then dS into dS (the job's S layout), E~ into j.D.
+  void backward_job(bool t2i, EpilogueJob<C>& j, const at::Tensor& GE, Workspace& ws, const C* grad,
+                    const at::Tensor& dS) {
     const int64_t rows = j.nc * j.n_pad, cols = j.cols();
-    j.GE = pair_ge(state, rec, sb, I, T, t2i).template data_ptr<C>();
+    j.GE = GE.template data_ptr<C>();
     if (o_.clipped) {
       j.L = tile(ws, t2i ? kSlotL0 : kSlotL1, rows, cols).template data_ptr<C>();
       j.dE = tile(ws, kSlotDE, rows, cols).template data_ptr<C>();

@@ -471,8 +471,9 @@ def tile_budget():
 @pytest.mark.parametrize("opts", [OPTION_GRID[i] for i in (0, 7, 11, 17, 20)], ids=option_id)
 def test_saved_tiles_and_recomputation_agree(opts, dtype, ragged, tile_budget):
     # saved (the default budget holds this batch), recomputed in one super-block (budget 0 saves
-    # nothing) and recomputed in many small super-blocks: the same scores, bit for bit (dense
-    # images included: the training forward packs them even when it saves nothing)
+    # nothing), recomputed in many small super-blocks, and saved with dS in several super-blocks:
+    # the same scores, bit for bit (dense images included: the training forward packs them even
+    # when it saves nothing)
     from mefn_fast.backends import ext_ops
 
     regions, rl, words, wl = make_inputs(23, 29, 7, 6, 16, dtype=dtype, seed=12, ragged=ragged)
@@ -488,6 +489,11 @@ def test_saved_tiles_and_recomputation_agree(opts, dtype, ragged, tile_budget):
         results.append(scores_and_grads(cpu, regions, rl, words, wl, upstream, **opts))
     results.append((results[0][0],) + ext_ops.bwd_saved_op(upstream, regions, rl, words, wl, nothing, *args, 4096,
                                                            True, True))
+    # S saved (at most 3/4 of the budget) and dS in several super-blocks within the rest
+    tight = int(saved.numel() * saved.element_size() / 0.75) + 8
+    scores, kept = ext_ops.fwd_saved_op(regions, rl, words, wl, *args, tight)
+    assert kept.numel() == saved.numel()
+    results.append((scores,) + ext_ops.bwd_saved_op(upstream, regions, rl, words, wl, kept, *args, tight, True, True))
     for other in results[1:]:
         assert torch.equal(other[0], results[0][0])
         for a, b in zip(other[1:], results[0][1:]):

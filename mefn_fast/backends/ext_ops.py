@@ -23,10 +23,10 @@ Schemas (options as primitives so that the dispatcher, fake tensors and compile 
 The backward ops return an empty tensor (shape (0,)) in place of a gradient that is not needed.
 
 Saved-tile mode (docs/design.md): when a gradient is needed, :func:`xattn_similarity` takes the
-``_saved`` pair. If the cosine tiles of the whole batch (with what the backward keeps beside them)
-fit the tile budget, the forward returns them in ``saved`` and the backward starts from them;
-otherwise ``saved`` is empty and the backward recomputes the tiles, one super-block of at most
-the budget at a time. The budget is 256 MiB by default, ``MEFN_TILE_BUDGET_MB`` in the
+``_saved`` pair. If the cosine tiles S of the whole batch take at most three quarters of the tile
+budget, the forward returns them in ``saved`` and the backward starts from them, its dS in
+super-blocks within the rest; otherwise ``saved`` is empty and the backward recomputes the tiles,
+one super-block of S and dS within the budget at a time. The budget is 512 MiB by default, ``MEFN_TILE_BUDGET_MB`` in the
 environment or :func:`set_tile_budget` change it (0 always recomputes).
 The backward ops themselves are not differentiable: a double backward raises (the reference has one).
 """
@@ -53,7 +53,7 @@ bwd_saved_op = torch.ops.mefn_fast.xattn_similarity_bwd_saved.default
 OPS = (fwd_op, bwd_op, fwd_saved_op, bwd_saved_op)
 
 _N_OPTIONS = 8  # direction, lambda_t2i, lambda_i2t, attn_norm, mfe, tau, agg, lambda_lse
-DEFAULT_TILE_BUDGET = 256 * 2 ** 20
+DEFAULT_TILE_BUDGET = 512 * 2 ** 20
 
 
 def _budget_from_env() -> int:
