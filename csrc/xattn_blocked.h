@@ -14,10 +14,10 @@
 // "both" in one pass over the block pairs (partials of the captions' dG per group of image blocks);
 // the gradients are GEMMs, dR^ = dS W^ + 2 dG R^ and dW^ = dS^T R^ + 2 dG W^, each output block
 // accumulated by one owner in a fixed order, and each product runs on one thread, so the results do
-// not depend on the number of threads (docs/design.md). The tiles live
-// in "super-blocks" of at most a budget of bytes; when the whole grid fits the budget, the forward
-// under autograd keeps them (saved-tile mode) and the backward starts from them instead of
-// recomputing the tiles and G E.
+// not depend on the number of threads (docs/design.md). The backward works on "super-blocks" of
+// the grid within a budget of bytes; when the whole grid's S takes at most 3/4 of the budget, the
+// forward under autograd keeps it (saved-tile mode) and the backward starts from it instead of
+// recomputing it (the softmax and G E of each block pair it recomputes either way).
 //
 // A device (Dev) supplies: the compute type C (float, or double on the CPU) and the GEMM operand
 // type of the packed rows; the block caps and the largest forward panel; for_tasks(n, f) (the CPU runs tasks on its

@@ -19,16 +19,17 @@
 // (with more than one thread) so that each GEMM runs on one thread and its result does not depend
 // on the thread count; tasks
 // handed out dynamically to the threads (each task owns its outputs, so the order does not
-// matter); and the elementwise epilogue of xattn_pair.h in csrc/xattn_cpu_epilogue.h on 16-float
-// SIMD strips, compiled three times (generic x86-64, AVX2+FMA, AVX-512) and picked at run time.
+// matter); and the elementwise epilogue of xattn_pair.h in csrc/xattn_cpu_epilogue.h on SIMD
+// strips one register wide, compiled three times (generic x86-64, AVX2+FMA, AVX-512) and picked
+// at run time.
 // Block caps (rows of a packed block): 256 image rows and 512 caption rows, at most an eighth of
 // a side's valid rows but at least 64 (so that the backward's passes have parallel work, and a
 // small batch is not cut into tiny blocks); a block costs 8 rows. A forward task multiplies a
 // caption block by a run of image blocks of at most 2^22 tile entries (16 MiB of float32): the
 // taller the GEMM, the less MKL repacks the caption block (measured: a 4608 x 512 x 1024 product
-// takes 0.92 of the time of the one product of all rows, a 1152-row one 1.03).
-// Measured on this project's 2-core AVX-512 machine (one interleaved run, ratios to the packed
-// floor, see README "Benchmarks"): the figures are in the README's cpu section.
+// takes 0.92 of the time of the one product of all rows, a 1152-row one 1.03, on an Intel Xeon).
+// Measured on this project's 2-core machine, now an AMD EPYC with AVX2 (one interleaved run,
+// ratios to the packed floor, see README "Benchmarks"): the figures are in the README's cpu section.
 #include <Python.h>
 
 #include <ATen/ATen.h>

@@ -23,9 +23,10 @@
 //     50 TFLOP/s = 5 ms; about 5.3x the packed floor.
 //   eval-coco5k-gpu bf16 (180000 x ~500000, in bounded memory: tiles of one block pair at a time):
 //     the same per-entry counts, about 5.3x.
-//   train-gpu bf16 (4608 x ~2560, both directions, forward + backward, tiles saved): floor
-//     3 x 24 GFLOP = 0.1 ms at full speed, but this size is launch-bound (about 40 launches of a
-//     few microseconds): about 1 ms, 8-10x.
+//   train-gpu bf16 (4608 x ~2560, both directions, forward + backward, S saved; the backward
+//     recomputes the softmax and G E of its two block pairs): floor 3 x 24 GFLOP = 0.1 ms at full
+//     speed, but this size is launch-bound (about 40 launches of a few microseconds, and the
+//     recomputation adds about 3 a block pair and direction): about 1 ms, 8-10x.
 // Against the targets (1.5x, 1.5x, 2x of the packed floor) all three are estimated to miss.
 // Closing the gap needs a fused epilogue that reads each tile entry once (one thread per column
 // keeping its n context rows in registers, G in shared memory), which cuts the traffic to 8 B per
