@@ -199,9 +199,12 @@ def test_emulated_saved_and_recomputed_agree(direction):
     regions, rl, words, wl = make_inputs(9, 11, 7, 6, 24, dtype=torch.float32, seed=5)
     weight = torch.randn(9, 11, generator=torch.Generator().manual_seed(5))
     opts = dict(direction=direction)
+    # the training forward with the tiles kept (budget 4 MiB) and with nothing kept (budget 0): the
+    # same products (one a block pair), so the same scores; the backward recomputes the tiles in one
+    # super-block or in several
     saved = emulated(regions, rl, words, wl, weight, opts, budget=1 << 22, block_cap=12)
-    again = emulated(regions, rl, words, wl, weight, opts, budget=-1, block_cap=12, backward_budget=1 << 22)
-    split = emulated(regions, rl, words, wl, weight, opts, budget=-1, block_cap=12, backward_budget=2000)
+    again = emulated(regions, rl, words, wl, weight, opts, budget=0, block_cap=12, backward_budget=1 << 22)
+    split = emulated(regions, rl, words, wl, weight, opts, budget=0, block_cap=12, backward_budget=2000)
     assert saved[3].numel() > 0 and again[3].numel() == 0
     for a, b, c in zip(saved[:3], again[:3], split[:3]):
         assert torch.equal(a, b)  # one super-block: the same products in the same order
