@@ -153,16 +153,16 @@ class Blocked {
         if (o_.t2i()) {
           at::Tensor Sb = S.narrow(0, off, ib.rows());
           scale_rows(Sb, I, true);
-          epilogue_forward(true, I, T, Sb, tb.rows(), gram_block(G_img, img_, I), GE0, ws, &scores);
+          epilogue_forward(true, I, T, Sb, gram_block(G_img, img_, I), GE0, ws, &scores);
           if (o_.i2t()) {
             at::Tensor STb = tile(ws, kSlotTmp, tb.rows(), ib.rows());
             dev_.transpose(STb, Sb, false);
-            epilogue_forward(false, I, T, STb, ib.rows(), G_txt, GE1, ws, &scores);
+            epilogue_forward(false, I, T, STb, G_txt, GE1, ws, &scores);
           }
         } else {
           at::Tensor STb = ST.narrow(1, off, ib.rows());
           scale_rows(STb, I, false);
-          epilogue_forward(false, I, T, STb, run_rows, G_txt, GE1, ws, &scores);
+          epilogue_forward(false, I, T, STb, G_txt, GE1, ws, &scores);
         }
       }
     });
@@ -219,7 +219,7 @@ class Blocked {
         const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
         const at::Tensor S = sb_tile(S2, ssb, I, T);
         const at::Tensor GE = tile(ws, kSlotGE0, ib.rows(), tb.rows());
-        epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I), GE, ws, nullptr);
+        epilogue_forward(true, I, T, S, gram_block(pk.G_img, img_, I), GE, ws, nullptr);
         EpilogueJob<C> j = job(true, I, T, S, ws, 0);
         backward_job(true, j, GE, ws, g, sb_tile(dS2, sb, I, T));
         if (dGi.defined())
@@ -232,7 +232,7 @@ class Blocked {
         at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
         dev_.transpose(ST, sb_tile(S2, ssb, I, T), false);
         const at::Tensor GE = tile(ws, kSlotGE1, tb.rows(), ib.rows());
-        epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T), GE, ws, nullptr);
+        epilogue_forward(false, I, T, ST, gram_block(pk.G_txt, txt_, T), GE, ws, nullptr);
         EpilogueJob<C> j = job(false, I, T, ST, ws, 1);
         at::Tensor dST = tile(ws, kSlotDST, tb.rows(), ib.rows());
         backward_job(false, j, GE, ws, g, dST);
@@ -457,11 +457,10 @@ class Blocked {
     return M.narrow(0, ib.row0 - img_.blocks[sb.i0].row0, ib.rows()).narrow(1, tb.row0 - txt_.blocks[sb.t0].row0, tb.rows());
   }
   // The forward epilogue of image block I x caption block T in one direction, on S (context rows x
-  // query columns, row stride lds): G E into GE (contiguous), scores into *scores when not null.
-  void epilogue_forward(bool t2i, int64_t I, int64_t T, const at::Tensor& S, int64_t lds, const at::Tensor& G,
+  // query columns, rows of unit stride): G E into GE (contiguous), scores into *scores when not null.
+  void epilogue_forward(bool t2i, int64_t I, int64_t T, const at::Tensor& S, const at::Tensor& G,
                         const at::Tensor& GE, Workspace& ws, at::Tensor* scores) {
     EpilogueJob<C> j = job(t2i, I, T, S, ws, t2i ? 0 : 1);
-    j.lds = lds;
     j.L = j.E;
     dev_.fwd_softmax(j);
     dev_.bmm(GE.view({j.nc, j.n_pad, j.cols()}), G, view_of(j.E, j.nc, j.n_pad, j.cols()));
@@ -494,12 +493,12 @@ class Blocked {
           dev_.mm(S, pk.R.narrow(0, ib.row0, ib.rows()), pk.W.narrow(0, tb.row0, tb.rows()));
           if (scores == nullptr) continue;
           if (o_.t2i())
-            epilogue_forward(true, I, T, S, S.stride(0), gram_block(pk.G_img, img_, I),
+            epilogue_forward(true, I, T, S, gram_block(pk.G_img, img_, I),
                              tile(ws, kSlotGE0, ib.rows(), tb.rows()), ws, scores);
           if (o_.i2t()) {
             at::Tensor ST = tile(ws, kSlotST, tb.rows(), ib.rows());
             dev_.transpose(ST, S, false);
-            epilogue_forward(false, I, T, ST, ib.rows(), gram_block(pk.G_txt, txt_, T),
+            epilogue_forward(false, I, T, ST, gram_block(pk.G_txt, txt_, T),
                              tile(ws, kSlotGE1, tb.rows(), ib.rows()), ws, scores);
           }
         }
@@ -531,7 +530,7 @@ class Blocked {
   }
 
   // The epilogue job of block pair (I, T) in one direction, on tile S (context rows x query
-  // columns, contiguous), with work buffers from ws (slot set dir).
+  // columns, rows of unit stride, row stride S.stride(0)), with work buffers from ws (slot set dir).
   EpilogueJob<C> job(bool t2i, int64_t I, int64_t T, const at::Tensor& S, Workspace& ws, int dir) {
     const SideBlock &ib = img_.blocks[I], &tb = txt_.blocks[T];
     const SideBlock &cb = t2i ? ib : tb, &qb = t2i ? tb : ib;
